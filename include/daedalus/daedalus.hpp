@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// Umbrella header for plain C++ users: the core, the model configs, and every component with
+/// its CPU (Eigen) backend. CUDA users include <daedalus/cuda.cuh> from .cu files instead.
+
+#include "daedalus/config/concepts.hpp"
+#include "daedalus/config/presets.hpp"
+#include "daedalus/core/backend.hpp"
+#include "daedalus/core/dtype.hpp"
+#include "daedalus/core/error.hpp"
+#include "daedalus/core/macros.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/kv_cache/contiguous.hpp"
+#include "daedalus/kv_cache/memory.hpp"
+#include "daedalus/mla/attention.hpp"
+#include "daedalus/mla/cpu/attention.hpp"
+#include "daedalus/mla/rope.hpp"
+#include "daedalus/mla/weights.hpp"

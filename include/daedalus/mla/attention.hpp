@@ -1,0 +1,233 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cmath>
+#include <span>
+#include <string_view>
+#include <type_traits>
+
+#include "daedalus/config/concepts.hpp"
+#include "daedalus/core/backend.hpp"
+#include "daedalus/core/error.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/kv_cache/contiguous.hpp"
+#include "daedalus/mla/rope.hpp"
+#include "daedalus/mla/weights.hpp"
+
+/// Multi-head Latent Attention (DeepSeek-V2 paper, arXiv 2405.04434, section 2.1; DeepSeek-V3
+/// reference inference/model.py `MLA.forward`). The front validates every argument, then hands
+/// the work to `detail::MlaImpl<C, Backend>`, which each backend folder specialises.
+namespace daedalus::mla {
+
+/// How attention over the latent cache is computed. Both give the same result up to rounding.
+enum class AttentionMode {
+  /// Up-project every cached latent through wkv_b into per-head keys and values, then ordinary
+  /// attention with d_qk = nope + rope, d_v = v_head_dim. Cheaper for long query chunks
+  /// (prefill), as vLLM and ik_llama.cpp do.
+  naive,
+  /// Absorb W_UK into the query and W_UV into the output, and attend directly over the
+  /// kv_lora_rank + rope latent: multi-query attention with 576-wide keys whose first 512
+  /// columns are the values (FlashMLA's form). What decode must use.
+  absorbed,
+};
+
+namespace detail {
+
+template <class...>
+inline constexpr bool dependent_false = false;
+
+/// The backend's implementation of MLA. Backends specialise it in their own folder
+/// (`mla/cpu/attention.hpp`, `mla/cuda/attention.cuh`).
+template <MlaConfig C, class Backend>
+struct MlaImpl {
+  static_assert(dependent_false<C, Backend>,
+                "daedalus::mla: no MLA implementation for this backend is visible: include "
+                "<daedalus/daedalus.hpp> for CpuBackend, or <daedalus/cuda.cuh> in a .cu file "
+                "for CudaBackend");
+};
+
+inline void require_finite(std::string_view function, std::string_view argument, const float* data,
+                           index_t count, index_t row_width) {
+  for (index_t i = 0; i < count; ++i) {
+    if (!std::isfinite(data[i])) {
+      throw NumericError(daedalus::detail::message(
+          function, ": '", argument, "' holds a non-finite value (", data[i], ") at row ",
+          i / row_width, ", column ", i % row_width));
+    }
+  }
+}
+
+template <class Backend, class View>
+constexpr void require_host_view() {
+  static_assert(std::is_same_v<typename View::memory_space, typename Backend::memory_space>,
+                "daedalus::mla: a view argument lives in a memory space this backend cannot "
+                "read (e.g. a DeviceMemory view passed with CpuBackend)");
+}
+
+}  // namespace detail
+
+/// The query and latent projections of one chunk (MLA.forward steps 1-3):
+/// q = wq_b(rmsnorm(wq_a x)) or wq x, its rotary part q_pe rotated; kv = wkv_a x, its latent
+/// part RMS-normed with kv_norm and its shared k_pe rotated. Token i sits at start_pos + i.
+///
+/// @param x      [tokens, dim]
+/// @param q      [tokens, n_heads, qk_head_dim] out: q_nope then rotated q_pe per head
+/// @param latent [tokens, kv_lora_rank + rope] out: the rows the cache stores
+/// @throws InvalidArgument for wrong extents, OutOfRange for start_pos < 0,
+///         NumericError for non-finite x
+template <class Backend, MlaConfig C>
+void project(const Backend& backend, const MlaWeights<C>& weights, index_t start_pos,
+             TensorView<const float, 2, typename Backend::memory_space> x,
+             TensorView<float, 3, typename Backend::memory_space> q,
+             TensorView<float, 2, typename Backend::memory_space> latent) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::project";
+  const index_t tokens = x.extent(0);
+  daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
+  daedalus::detail::check_extents(fn, "q", q, {tokens, S::n_heads, S::qk_head_dim});
+  daedalus::detail::check_extents(fn, "latent", latent, {tokens, S::latent_dim});
+  daedalus::detail::require<OutOfRange>(start_pos >= 0, fn, ": 'start_pos' is ", start_pos,
+                                        "; expected at least 0");
+  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::project(backend, weights, start_pos, x, q, latent);
+}
+
+/// The absorbed attention core over a latent cache: FlashMLA's MQA form, with
+/// n_heads × q_len query rows per sequence and one 576-wide key per cached token whose first
+/// kv_lora_rank columns are also the value. The cache must already hold the query tokens: query
+/// i of sequence b sits at position length(b) - q_len + i and sees keys t ≤ that position
+/// (bottom-right causal). Sequences may have any lengths (varlen batch).
+///
+/// @param seqs       [batch] cache sequence ids
+/// @param q          [batch, q_len, n_heads, kv_lora_rank + rope]: q_nope·W_UK then rotated q_pe
+/// @param scale      the softmax scale (use softmax_scale<C>(): 192^-0.5 · mscale², not 576^-0.5)
+/// @param out_latent [batch, q_len, n_heads, kv_lora_rank] out: Σ_t p_t c_t per head
+/// @throws InvalidArgument, OutOfRange (unknown sequence, or fewer cached tokens than q_len)
+template <class Backend, MlaConfig C, class Storage>
+void absorbed_attention(const Backend& backend,
+                        const ContiguousLatentCache<C, Backend, Storage>& cache,
+                        std::span<const index_t> seqs,
+                        TensorView<const float, 4, typename Backend::memory_space> q, double scale,
+                        TensorView<float, 4, typename Backend::memory_space> out_latent) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::absorbed_attention";
+  const index_t batch = index_t(seqs.size());
+  const index_t q_len = q.extent(1);
+  daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::latent_dim});
+  daedalus::detail::check_extents(fn, "out_latent", out_latent,
+                                  {batch, q_len, S::n_heads, S::kv_lora_rank});
+  for (index_t b = 0; b < batch; ++b) {
+    daedalus::detail::require<OutOfRange>(
+        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
+        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
+    daedalus::detail::require<OutOfRange>(cache.length(seqs[b]) >= q_len, fn, ": sequence ",
+                                          seqs[b], " holds ", cache.length(seqs[b]),
+                                          " tokens; expected at least q_len = ", q_len,
+                                          " (the cache must already hold the query tokens)");
+  }
+  detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, seqs, q, scale, out_latent);
+}
+
+/// The naive attention core: up-projects the cached latents through wkv_b into per-head keys
+/// [k_nope ; k_pe] and values, blockwise, and runs causal multi-head attention (same masking and
+/// cache contract as `absorbed_attention`).
+///
+/// @param q   [batch, q_len, n_heads, qk_head_dim]: q_nope then rotated q_pe
+/// @param out [batch, q_len, n_heads, v_head_dim] out
+template <class Backend, MlaConfig C, class Storage>
+void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
+                     const ContiguousLatentCache<C, Backend, Storage>& cache,
+                     std::span<const index_t> seqs,
+                     TensorView<const float, 4, typename Backend::memory_space> q, double scale,
+                     TensorView<float, 4, typename Backend::memory_space> out) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::naive_attention";
+  const index_t batch = index_t(seqs.size());
+  const index_t q_len = q.extent(1);
+  daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::qk_head_dim});
+  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::n_heads, S::v_head_dim});
+  for (index_t b = 0; b < batch; ++b) {
+    daedalus::detail::require<OutOfRange>(
+        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
+        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
+    daedalus::detail::require<OutOfRange>(cache.length(seqs[b]) >= q_len, fn, ": sequence ",
+                                          seqs[b], " holds ", cache.length(seqs[b]),
+                                          " tokens; expected at least q_len = ", q_len);
+  }
+  detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, seqs, q, scale, out);
+}
+
+/// One MLA layer over a chunk of `tokens` tokens of sequence `seq` at positions
+/// start_pos .. start_pos + tokens - 1 (MLA.forward): projects, writes the chunk's normed latent
+/// and rotated k_pe into the cache at start_pos (overwriting anything cached there and setting
+/// the length to start_pos + tokens), attends causally over everything cached up to each token,
+/// and applies the output projection. Any chunk at any start_pos ≤ length(seq): a prompt in one
+/// call or in several chunks gives the same result.
+///
+/// @param x    [tokens, dim]
+/// @param out  [tokens, dim] out (may not alias x)
+/// @param mode naive (the default: cheaper for long chunks) or absorbed
+/// @throws InvalidArgument (extents), OutOfRange (seq, start_pos > length(seq)),
+///         CapacityError (start_pos + tokens > capacity(seq)), NumericError (non-finite x).
+///         The cache is unchanged when it throws.
+template <class Backend, MlaConfig C, class Storage>
+void prefill(const Backend& backend, const MlaWeights<C>& weights,
+             ContiguousLatentCache<C, Backend, Storage>& cache, index_t seq, index_t start_pos,
+             TensorView<const float, 2, typename Backend::memory_space> x,
+             TensorView<float, 2, typename Backend::memory_space> out,
+             AttentionMode mode = AttentionMode::naive) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::prefill";
+  const index_t tokens = x.extent(0);
+  daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
+  cache.check_write("prefill", seq, start_pos, tokens);
+  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
+                                       std::span<const index_t>(&start_pos, 1), tokens, x.data(),
+                                       out.data(), mode);
+}
+
+/// One decode step for a batch of sequences of different lengths, each with the same number
+/// q_len of new tokens (1, or a few for speculative decoding; FlashMLA's s_q). The new tokens of
+/// sequence b sit at positions length(b) .. length(b) + q_len - 1; their latents are appended to
+/// the cache and each attends causally over its sequence.
+///
+/// @param seqs [batch] distinct cache sequence ids
+/// @param x    [batch, q_len, dim]
+/// @param out  [batch, q_len, dim] out
+/// @param mode absorbed (the default) or naive
+/// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (unknown sequence),
+///         CapacityError (a sequence would pass its capacity), NumericError (non-finite x).
+///         The cache is unchanged when it throws.
+template <class Backend, MlaConfig C, class Storage>
+void decode(const Backend& backend, const MlaWeights<C>& weights,
+            ContiguousLatentCache<C, Backend, Storage>& cache, std::span<const index_t> seqs,
+            TensorView<const float, 3, typename Backend::memory_space> x,
+            TensorView<float, 3, typename Backend::memory_space> out,
+            AttentionMode mode = AttentionMode::absorbed) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::decode";
+  const index_t batch = index_t(seqs.size());
+  const index_t q_len = x.extent(1);
+  daedalus::detail::check_extents(fn, "x", x, {batch, q_len, S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
+  std::vector<index_t> starts(seqs.size());
+  for (index_t b = 0; b < batch; ++b) {
+    for (index_t other = 0; other < b; ++other) {
+      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
+                                                 "sequence ", seqs[b], " twice (entries ", other,
+                                                 " and ", b, "); expected distinct ids");
+    }
+    daedalus::detail::require<OutOfRange>(
+        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
+        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
+    starts[b] = cache.length(seqs[b]);
+    cache.check_write("decode", seqs[b], starts[b], q_len);
+  }
+  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
+                                       out.data(), mode);
+}
+
+}  // namespace daedalus::mla

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "daedalus/core/backend.hpp"
@@ -16,6 +17,7 @@
 #include "daedalus/mla/attention.hpp"
 #include "daedalus/mla/cpu/latent_block.hpp"
 #include "daedalus/mla/cpu/latent_gemm.hpp"
+#include "daedalus/mla/cpu/latent_gemm_bf16.hpp"
 #include "daedalus/mla/rope.hpp"
 #include "daedalus/mla/weights.hpp"
 
@@ -121,6 +123,7 @@ struct OnlineSoftmax {
 struct AttentionScratch {
   std::vector<float> scores, keys, packed, acc, partial_out, partial_lse;
   std::vector<index_t> visible;
+  std::vector<std::uint32_t> q_pairs, p_pairs, v_pairs;  // bf16 pairs (latent_gemm_bf16.hpp)
   OnlineSoftmax softmax;
 
   static AttentionScratch& local() {
@@ -269,14 +272,34 @@ struct MlaImpl<C, CpuBackend> {
     float* acc = AttentionScratch::sized(scratch.acc, rows * V);
     cpu::map(acc, rows, V, V).setZero();
     scratch.softmax.reset(rows);
-    const cpu_kernels::QueryTile tile =
-        cpu_kernels::prepare_query_tile(q_rows + item.row_begin * D, rows, D, scratch.packed);
     std::vector<index_t>& visible = scratch.visible;
     visible.resize(std::size_t(rows));
+    const float* q_tile = q_rows + item.row_begin * D;
+#if defined(__AVX512BF16__)
+    // A bf16 cache is read as it lies by the AVX512-BF16 kernels (latent_gemm_bf16.hpp).
+    constexpr bool use_bf16_kernels =
+        std::is_same_v<Storage, bfloat16> && cpu_kernels::bf16_kernels_fit(D, V);
+    cpu_kernels::QueryTileBf16 tile_bf16{};
+    if constexpr (use_bf16_kernels)
+      tile_bf16 = cpu_kernels::prepare_query_tile_bf16(q_tile, rows, D, scratch.q_pairs);
+#else
+    constexpr bool use_bf16_kernels = false;
+#endif
+    cpu_kernels::QueryTile tile{};
+    if constexpr (!use_bf16_kernels)
+      tile = cpu_kernels::prepare_query_tile(q_tile, rows, D, scratch.packed);
     for (index_t k0 = item.key_begin; k0 < item.key_end; k0 += KB) {
       const index_t n = std::min(KB, item.key_end - k0);
-      const float* keys = widen_latent_rows(cache.row_pointer(seq, k0), n, D, scratch.keys);
-      cpu_kernels::latent_scores(tile, keys, n, D, scores_t, st_stride);
+      const Storage* stored = cache.row_pointer(seq, k0);
+      const float* keys = nullptr;
+      if constexpr (use_bf16_kernels) {
+#if defined(__AVX512BF16__)
+        cpu_kernels::scores_bf16(tile_bf16, stored, n, D, scores_t, st_stride);
+#endif
+      } else {
+        keys = widen_latent_rows(stored, n, D, scratch.keys);
+        cpu_kernels::latent_scores(tile, keys, n, D, scores_t, st_stride);
+      }
       for (index_t r = 0; r < rows; ++r) {
         const index_t pos = first_query_pos + (item.row_begin + r) / S::n_heads;
         visible[std::size_t(r)] = std::clamp<index_t>(pos - k0 + 1, 0, n);
@@ -287,7 +310,16 @@ struct MlaImpl<C, CpuBackend> {
         if (alpha[r] != 1.0f) cpu::map(acc + r * V, 1, V, V) *= alpha[r];
       }
       // The first kv_lora_rank columns of each cached row are the value (MQA form).
-      cpu_kernels::latent_accumulate(scores_t, rows, n, st_stride, keys, D, V, acc);
+      if constexpr (use_bf16_kernels) {
+#if defined(__AVX512BF16__)
+        cpu_kernels::pack_probabilities_bf16(scores_t, n, rows, st_stride, scratch.p_pairs);
+        cpu_kernels::pack_values_bf16(stored, n, D, V, scratch.v_pairs);
+        cpu_kernels::accumulate_bf16(scratch.p_pairs.data(), rows, (n + 1) / 2,
+                                     scratch.v_pairs.data(), V, acc);
+#endif
+      } else {
+        cpu_kernels::latent_accumulate(scores_t, rows, n, st_stride, keys, D, V, acc);
+      }
     }
     for (index_t r = 0; r < rows; ++r) {
       const float l = scratch.softmax.l[std::size_t(r)];

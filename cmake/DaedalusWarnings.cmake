@@ -21,6 +21,13 @@ function(daedalus_target_warnings target)
   else()
     target_compile_options(${target} PRIVATE
       $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic>)
+    # GCC before 13 reports -Wmaybe-uninitialized inside its own avx512fintrin.h for every
+    # _mm512_undefined_* that an intrinsic uses (GCC bug 105593, fixed in 13): false positives
+    # in the compiler's headers, hundreds per AVX-512 kernel.
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
+      target_compile_options(${target} PRIVATE
+        $<$<COMPILE_LANGUAGE:CXX>:-Wno-maybe-uninitialized>)
+    endif()
   endif()
   if(CMAKE_CUDA_COMPILER_LOADED AND CMAKE_CUDA_COMPILER_ID STREQUAL "NVIDIA")
     if(MSVC)

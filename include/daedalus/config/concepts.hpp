@@ -63,6 +63,19 @@ concept MoeConfig = requires {
   { C::route_scale } -> std::convertible_to<double>;
 };
 
+/// The display name of a configuration for error messages: its optional `name` member (every
+/// preset has one), or a generic phrase for a user's config without one.
+template <class C>
+constexpr const char* config_name() {
+  if constexpr (requires {
+                  { C::name } -> std::convertible_to<const char*>;
+                }) {
+    return C::name;
+  } else {
+    return "this configuration";
+  }
+}
+
 /// Sizes derived from an MLA config, computed in this one place.
 template <MlaConfig C>
 struct MlaShape {

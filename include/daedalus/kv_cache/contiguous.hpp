@@ -82,10 +82,10 @@ class ContiguousLatentCache {
   /// [start_pos, start_pos + n) of sequence `seq` and sets its length to start_pos + n. Rows
   /// at and past start_pos are overwritten, so a chunk may be recomputed (chunked prefill).
   /// @throws OutOfRange when `seq` is not a sequence, or start_pos > length(seq);
-  ///         CapacityError when start_pos + n > capacity(seq); InvalidArgument for a bad shape
-  ///         or non-finite values. Nothing is written when it throws.
+  ///         CapacityError when start_pos + n > capacity(seq); InvalidArgument for a bad shape;
+  ///         NumericError for a non-finite value. Nothing is written when it throws.
   void write(index_t seq, index_t start_pos, HostView<const float, 2> rows) {
-    check_write("write", seq, start_pos, rows.extent(0));
+    check_write(kWrite, seq, start_pos, rows.extent(0));
     detail::check_extents(kWrite, "rows", rows, {rows.extent(0), latent_dim});
     const index_t n = rows.extent(0);
     for (index_t i = 0; i < n * latent_dim; ++i) {
@@ -103,18 +103,19 @@ class ContiguousLatentCache {
   void append(index_t seq, HostView<const float, 2> rows) { write(seq, length(seq), rows); }
 
   /// Checks what `write(seq, start_pos, rows of n)` would check, without writing: lets a caller
-  /// validate every argument before it mutates anything.
-  void check_write(std::string_view function, index_t seq, index_t start_pos, index_t n) const {
-    detail::require<OutOfRange>(seq >= 0 && seq < num_sequences(), kName, "::", function,
-                                ": sequence ", seq, " is not in [0, ", num_sequences(), ")");
+  /// validate every argument before it mutates anything. Messages start with `caller`, the
+  /// fully qualified name of the public function the user called (e.g. "daedalus::mla::prefill").
+  void check_write(std::string_view caller, index_t seq, index_t start_pos, index_t n) const {
+    detail::require<OutOfRange>(seq >= 0 && seq < num_sequences(), caller, ": sequence ", seq,
+                                " is not in [0, ", num_sequences(), ")");
     const std::size_t s = std::size_t(seq);
-    detail::require<OutOfRange>(start_pos >= 0 && start_pos <= lengths_[s], kName, "::", function,
+    detail::require<OutOfRange>(start_pos >= 0 && start_pos <= lengths_[s], caller,
                                 ": 'start_pos' is ", start_pos, "; expected a position in [0, ",
                                 lengths_[s], "] (sequence ", seq, " holds ", lengths_[s],
                                 " tokens)");
-    detail::require<CapacityError>(start_pos + n <= capacities_[s], kName, "::", function,
-                                   ": sequence ", seq, " would hold ", start_pos + n,
-                                   " tokens; its capacity is ", capacities_[s]);
+    detail::require<CapacityError>(start_pos + n <= capacities_[s], caller, ": sequence ", seq,
+                                   " would hold ", start_pos + n, " tokens; its capacity is ",
+                                   capacities_[s]);
   }
 
   /// Keeps the first `new_length` tokens of sequence `seq`.

@@ -98,6 +98,12 @@ void project(const Backend& backend, const MlaWeights<C>& weights, index_t start
 /// i of sequence b sits at position length(b) - q_len + i and sees keys t ≤ that position
 /// (bottom-right causal). Sequences may have any lengths (varlen batch).
 ///
+/// Precision: with an fp32 cache everything is fp32. With a bf16 cache on a CPU with
+/// AVX512-BF16 the query rows and the softmax probabilities are rounded to bf16 before their
+/// dot products (accumulation stays fp32), as FlashMLA's bf16 kernels do; each product term then
+/// carries at most 2^-8 relative rounding on top of the cache's own. Without AVX512-BF16 the
+/// bf16 rows are widened and the fp32 kernels run.
+///
 /// @param seqs       [batch] cache sequence ids
 /// @param q          [batch, q_len, n_heads, kv_lora_rank + rope]: q_nope·W_UK then rotated q_pe
 /// @param scale      the softmax scale (use softmax_scale<C>(): 192^-0.5 · mscale², not 576^-0.5)
@@ -181,7 +187,7 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
   const index_t tokens = x.extent(0);
   daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
-  cache.check_write("prefill", seq, start_pos, tokens);
+  cache.check_write(fn, seq, start_pos, tokens);
   detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
                                        std::span<const index_t>(&start_pos, 1), tokens, x.data(),
@@ -196,7 +202,8 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
 /// @param seqs [batch] distinct cache sequence ids
 /// @param x    [batch, q_len, dim]
 /// @param out  [batch, q_len, dim] out
-/// @param mode absorbed (the default) or naive
+/// @param mode absorbed (the default) or naive; absorbed attention's precision with a bf16
+///             cache is described at `absorbed_attention`
 /// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (unknown sequence),
 ///         CapacityError (a sequence would pass its capacity), NumericError (non-finite x).
 ///         The cache is unchanged when it throws.
@@ -223,7 +230,7 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
         seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
         "; expected a sequence id in [0, ", cache.num_sequences(), ")");
     starts[b] = cache.length(seqs[b]);
-    cache.check_write("decode", seqs[b], starts[b], q_len);
+    cache.check_write(fn, seqs[b], starts[b], q_len);
   }
   detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),

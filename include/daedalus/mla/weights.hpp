@@ -46,7 +46,8 @@ class MlaWeights {
                     std::size_t expected) {
       if (src.size() != expected) {
         throw InvalidArgument(detail::message(fn, ": '", name, "' has ", src.size(),
-                                              " values; expected ", expected, " for ", C::name));
+                                              " values; expected ", expected, " for ",
+                                              config_name<C>()));
       }
       dst.assign(src.begin(), src.end());
     };

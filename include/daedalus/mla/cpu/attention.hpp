@@ -478,7 +478,6 @@ struct MlaImpl<C, CpuBackend> {
     constexpr index_t VD = S::v_head_dim;
     const index_t batch = index_t(seqs.size());
     const index_t tokens = batch * q_len;
-    if (tokens == 0) return;
     std::vector<index_t> positions(static_cast<std::size_t>(tokens));
     for (index_t b = 0; b < batch; ++b)
       for (index_t i = 0; i < q_len; ++i) positions[std::size_t(b * q_len + i)] = starts[b] + i;
@@ -489,6 +488,8 @@ struct MlaImpl<C, CpuBackend> {
       cache.write(seqs[b], starts[b],
                   HostView<const float, 2>(latent.data() + b * q_len * D, {q_len, D}));
     }
+    // An empty chunk still sets each length to its start (a recompute from start_pos truncates).
+    if (tokens == 0) return;
     std::vector<float> o(std::size_t(tokens) * H * VD);  // [tokens, n_heads, v_head_dim]
     const double scale = softmax_scale<C>();
     if (mode == AttentionMode::absorbed) {

@@ -21,7 +21,7 @@
 ///           broadcast; the query tile is rounded to bf16 and packed as [d/2][row] pairs.
 ///   values: the probabilities of keys (t, t+1) for one row are rounded to bf16 and packed as
 ///           [t/2][row] pairs; the key block's value columns are packed as [t/2][value] pairs.
-/// Accumulation stays fp32. Rounding q and p to bf16 adds a relative error of at most 2^-9 per
+/// Accumulation stays fp32. Rounding q and p to bf16 adds a relative error of at most 2^-8 per
 /// product term on top of the cache's own bf16 rounding; the tests' bf16 tolerance covers both.
 /// Without AVX512-BF16 the bf16 cache is widened to fp32 and the fp32 kernels run.
 namespace daedalus::mla::cpu_kernels {

@@ -1,0 +1,22 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// Umbrella header for CUDA users: everything in <daedalus/daedalus.hpp> plus the CUDA backend
+/// (CudaBackend, DeviceBuffer, copies, DAEDALUS_CUDA_CHECK, the launch helper) and the device
+/// building blocks kernels use (dynamic shared memory, the m16n8k16 tensor-core wrapper).
+/// Include it from .cu files compiled by nvcc. (daedalus's own tests also compile it with a
+/// host compiler after the test-only CUDA emulation layer, which runs kernels on CPU threads.)
+#if !defined(__CUDACC__) && !defined(DAEDALUS_CUDA_EMULATION)
+#error \
+    "<daedalus/cuda.cuh> must be compiled by nvcc (a .cu file in a target linked to daedalus::cuda); plain C++ code includes <daedalus/daedalus.hpp>"
+#endif
+
+#include "daedalus/cuda/backend.cuh"
+#include "daedalus/cuda/check.cuh"
+#include "daedalus/cuda/device_buffer.cuh"
+#include "daedalus/cuda/element.cuh"
+#include "daedalus/cuda/launch.cuh"
+#include "daedalus/cuda/mma.cuh"
+#include "daedalus/cuda/platform.cuh"
+#include "daedalus/cuda/shared_memory.cuh"
+#include "daedalus/daedalus.hpp"

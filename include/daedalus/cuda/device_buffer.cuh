@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <array>
+#include <concepts>
+#include <cstddef>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "daedalus/core/dtype.hpp"
+#include "daedalus/core/error.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/cuda/backend.cuh"
+#include "daedalus/cuda/check.cuh"
+
+namespace daedalus::cuda {
+
+/// The device type that stores a host storage type bit for bit: bfloat16 -> __nv_bfloat16,
+/// half -> __half, anything else itself. (Under the emulation layer the two are the same type.)
+template <class T>
+struct DeviceStorage {
+  using type = T;
+};
+/// The host type for a device storage type (the inverse of DeviceStorage).
+template <class T>
+struct HostStorage {
+  using type = T;
+};
+#if !defined(DAEDALUS_CUDA_EMULATION)
+template <>
+struct DeviceStorage<bfloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DeviceStorage<half> {
+  using type = __half;
+};
+template <>
+struct HostStorage<__nv_bfloat16> {
+  using type = bfloat16;
+};
+template <>
+struct HostStorage<__half> {
+  using type = half;
+};
+#endif
+template <class T>
+using device_storage_t = typename DeviceStorage<std::remove_cv_t<T>>::type;
+template <class T>
+using host_storage_t = typename HostStorage<std::remove_cv_t<T>>::type;
+
+/// True when a T may be copied byte for byte into a U: the same type, or a host storage type
+/// and its device counterpart (Eigen's bfloat16/half and CUDA's are bit-identical).
+template <class T, class U>
+concept BitCompatible = std::is_trivially_copyable_v<std::remove_cv_t<T>> &&
+                            sizeof(T) == sizeof(U) &&
+                        (std::same_as<std::remove_cv_t<T>, std::remove_cv_t<U>> ||
+                         std::same_as<device_storage_t<T>, std::remove_cv_t<U>> ||
+                         std::same_as<device_storage_t<U>, std::remove_cv_t<T>>);
+
+/// An owning, move-only array of `T` in device memory (RAII: cudaMalloc in the constructor,
+/// cudaFree in the destructor). Its contents start uninitialised.
+template <class T>
+class DeviceBuffer {
+  static_assert(
+      std::is_trivially_copyable_v<T>,
+      "daedalus::cuda::DeviceBuffer: T must be trivially copyable (it is copied by bytes)");
+
+ public:
+  using value_type = T;
+
+  DeviceBuffer() = default;
+
+  /// Allocates `size` elements (none for 0).
+  /// @throws CudaError when the allocation fails.
+  explicit DeviceBuffer(std::size_t size) : size_(size) {
+    if (size_ > 0) DAEDALUS_CUDA_CHECK(cudaMalloc(&data_, size_ * sizeof(T)));
+  }
+
+  ~DeviceBuffer() { release(); }
+
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      release();
+      data_ = std::exchange(other.data_, nullptr);
+      size_ = std::exchange(other.size_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  [[nodiscard]] T* data() noexcept { return data_; }
+  [[nodiscard]] const T* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t bytes() const noexcept { return size_ * sizeof(T); }
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+
+  /// A device view of the buffer with the given extents, whose product must equal size().
+  /// @throws InvalidArgument otherwise.
+  template <std::size_t Rank>
+  [[nodiscard]] TensorView<T, int(Rank), DeviceMemory> view(
+      const std::array<index_t, Rank>& extents) {
+    check_extents(extents);
+    return TensorView<T, int(Rank), DeviceMemory>(data_, extents);
+  }
+  template <std::size_t Rank>
+  [[nodiscard]] TensorView<const T, int(Rank), DeviceMemory> view(
+      const std::array<index_t, Rank>& extents) const {
+    check_extents(extents);
+    return TensorView<const T, int(Rank), DeviceMemory>(data_, extents);
+  }
+
+ private:
+  template <std::size_t Rank>
+  void check_extents(const std::array<index_t, Rank>& extents) const {
+    index_t count = 1;
+    for (index_t e : extents) count *= e;
+    ::daedalus::detail::require<InvalidArgument>(
+        count == index_t(size_), "daedalus::cuda::DeviceBuffer::view: 'extents' ",
+        ::daedalus::detail::format_extents(std::span<const index_t>(extents)), " hold ", count,
+        " elements; expected ", size_, " (the buffer's size)");
+  }
+
+  void release() noexcept {
+    // A destructor cannot throw. cudaFree fails only for a pointer it did not allocate or after
+    // an earlier kernel fault, which the next checked call on the stream reports.
+    if (data_ != nullptr) static_cast<void>(cudaFree(data_));
+    data_ = nullptr;
+    size_ = 0;
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+namespace detail {
+
+template <class Space>
+constexpr bool is_device = std::same_as<Space, DeviceMemory>;
+
+template <class DstSpace, class SrcSpace>
+constexpr cudaMemcpyKind copy_kind() {
+  if constexpr (is_device<DstSpace> && is_device<SrcSpace>)
+    return cudaMemcpyDeviceToDevice;
+  else if constexpr (is_device<DstSpace>)
+    return cudaMemcpyHostToDevice;
+  else if constexpr (is_device<SrcSpace>)
+    return cudaMemcpyDeviceToHost;
+  else
+    return cudaMemcpyHostToHost;
+}
+
+inline void require_same_size(const char* function, std::size_t dst, std::size_t src) {
+  ::daedalus::detail::require<InvalidArgument>(dst == src, function, ": 'src' has ", src,
+                                               " elements; expected ", dst, " (the size of 'dst')");
+}
+
+}  // namespace detail
+
+/// Copies host memory into a device buffer on the backend's stream. Pageable host memory is
+/// staged by CUDA before the call returns; pinned memory must stay untouched until the stream is
+/// synchronised.
+/// @throws InvalidArgument when the sizes differ (nothing is copied); CudaError on a CUDA error.
+template <class T, class U>
+requires BitCompatible<U, T>
+void copy(const CudaBackend& backend, DeviceBuffer<T>& dst, std::span<const U> src) {
+  detail::require_same_size("daedalus::cuda::copy", dst.size(), src.size());
+  if (src.empty()) return;
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), dst.bytes(), cudaMemcpyHostToDevice,
+                                      backend.stream()));
+}
+
+/// Copies a device buffer into host memory on the backend's stream; the host data is complete
+/// once the stream is synchronised (backend.synchronize()).
+/// @throws InvalidArgument when the sizes differ (nothing is copied); CudaError on a CUDA error.
+template <class T, class U>
+requires BitCompatible<U, T>
+void copy(const CudaBackend& backend, std::span<T> dst, const DeviceBuffer<U>& src) {
+  detail::require_same_size("daedalus::cuda::copy", dst.size(), src.size());
+  if (src.empty()) return;
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost,
+                                      backend.stream()));
+}
+
+/// Copies between two packed views with equal extents, in any memory spaces, on the backend's
+/// stream.
+/// @throws InvalidArgument when the extents differ or a view is not packed (nothing is copied);
+///         CudaError on a CUDA error.
+template <class T, class U, int Rank, class DstSpace, class SrcSpace>
+requires BitCompatible<U, T> &&
+    (!std::is_const_v<T>)void copy(const CudaBackend& backend, TensorView<T, Rank, DstSpace> dst,
+                                   TensorView<U, Rank, SrcSpace> src) {
+  using ::daedalus::detail::format_extents;
+  using ::daedalus::detail::require;
+  require<InvalidArgument>(
+      dst.extents() == src.extents(), "daedalus::cuda::copy: 'src' has extents ",
+      format_extents(std::span<const index_t>(src.extents())), "; expected ",
+      format_extents(std::span<const index_t>(dst.extents())), " (the extents of 'dst')");
+  require<InvalidArgument>(dst.is_contiguous(), "daedalus::cuda::copy: 'dst' is strided; expected ",
+                           "a packed row-major view");
+  require<InvalidArgument>(src.is_contiguous(), "daedalus::cuda::copy: 'src' is strided; expected ",
+                           "a packed row-major view");
+  if (src.size() == 0) return;
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), std::size_t(src.size()) * sizeof(U),
+                                      (detail::copy_kind<DstSpace, SrcSpace>()), backend.stream()));
+}
+
+/// A new device buffer holding `src` (as its device storage type), copied on the backend's stream.
+template <class T>
+[[nodiscard]] DeviceBuffer<device_storage_t<T>> to_device(const CudaBackend& backend,
+                                                          std::span<const T> src) {
+  DeviceBuffer<device_storage_t<T>> dst(src.size());
+  copy(backend, dst, src);
+  return dst;
+}
+template <class T>
+[[nodiscard]] DeviceBuffer<device_storage_t<T>> to_device(const CudaBackend& backend,
+                                                          const std::vector<T>& src) {
+  return to_device(backend, std::span<const T>(src));
+}
+
+/// The contents of a device buffer as a host vector (of its host storage type). Synchronises the
+/// backend's stream, so the vector is complete on return.
+template <class T>
+[[nodiscard]] std::vector<host_storage_t<T>> to_host(const CudaBackend& backend,
+                                                     const DeviceBuffer<T>& src) {
+  std::vector<host_storage_t<T>> dst(src.size());
+  copy(backend, std::span<host_storage_t<T>>(dst), src);
+  backend.synchronize();
+  return dst;
+}
+
+}  // namespace daedalus::cuda

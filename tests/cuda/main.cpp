@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: Apache-2.0
+// The entry point of daedalus_cuda_tests (compiled by the host compiler): prints the data seed,
+// then runs the doctest cases of tests/cuda/*.cu on the first CUDA device. When no device
+// answers it says so, names how many test cases it skipped, and exits with 77, which CTest
+// reports as "skipped" (SKIP_RETURN_CODE), not as a failure.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "support/seed.hpp"
+
+namespace {
+
+constexpr std::uint64_t kDefaultSeed = 20261128;
+constexpr const char* kSeedVariable = "DAEDALUS_SEED";
+
+std::uint64_t read_seed() {
+  const char* text = std::getenv(kSeedVariable);
+  if (text == nullptr || *text == '\0') return kDefaultSeed;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || text[0] == '+') {
+    std::fprintf(stderr,
+                 "daedalus_cuda_tests: %s is '%s'; expected a decimal integer in [0, "
+                 "18446744073709551615]\n",
+                 kSeedVariable, text);
+    std::exit(2);
+  }
+  return static_cast<std::uint64_t>(value);
+}
+
+/// The number of test cases doctest would run with these arguments (its --count output).
+int count_test_cases(int argc, char** argv) {
+  std::vector<const char*> arguments(argv, argv + argc);
+  arguments.push_back("--count");
+  std::ostringstream out;
+  doctest::Context context(static_cast<int>(arguments.size()), arguments.data());
+  context.setCout(&out);
+  context.run();
+  const std::string text = out.str();
+  const auto colon = text.find_last_of(':');
+  return colon == std::string::npos ? -1 : std::atoi(text.c_str() + colon + 1);
+}
+
+}  // namespace
+
+std::uint64_t daedalus_test_seed() {
+  static const std::uint64_t seed = read_seed();
+  return seed;
+}
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  if (status != cudaSuccess || devices == 0) {
+    std::printf(
+        "daedalus_cuda_tests: no CUDA device answered (%s); skipped %d test cases (exit 77). "
+        "The same kernels run on the CPU in daedalus_emulated_tests.\n",
+        status != cudaSuccess ? cudaGetErrorString(status)
+                              : "cudaGetDeviceCount reported 0 devices",
+        count_test_cases(argc, argv));
+    return 77;
+  }
+  const std::uint64_t seed = daedalus_test_seed();
+  std::printf("daedalus_cuda_tests: seed %llu (repeat with %s=%llu)\n",
+              static_cast<unsigned long long>(seed), kSeedVariable,
+              static_cast<unsigned long long>(seed));
+  std::fflush(stdout);
+  doctest::Context context(argc, argv);
+  return context.run();
+}

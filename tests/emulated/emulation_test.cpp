@@ -121,6 +121,11 @@ TEST_SUITE("cuda emulation") {
           std::string::npos);
     CHECK(launch_failure(&read_dynamic_shared, 1025).find("invalid launch configuration") !=
           std::string::npos);
+    // More than 48 KiB of dynamic shared memory without opting in, as a GPU refuses it.
+    std::vector<float> out(32);
+    CHECK_THROWS_WITH_AS(
+        emulation::launch(&read_dynamic_shared, dim3(1), dim3(32), 64 * 1024, out.data()),
+        doctest::Contains("needs cudaFuncSetAttribute"), emulation::LaunchError);
   }
 
   TEST_CASE("the runtime emulation checks pointers and copy directions") {

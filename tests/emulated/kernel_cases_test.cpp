@@ -70,6 +70,7 @@ TEST_SUITE("cuda emulation") {
       emulation::ScopedOptions scoped(options);
       check_vector_add(cuda);
       check_block_sum(cuda);
+      check_large_dynamic_shared(cuda);
       check_warp_ops(cuda);
       check_half_warp_sums(cuda);
       check_fragment_layout(cuda);

@@ -171,8 +171,8 @@ requires BitCompatible<U, T>
 void copy(const CudaBackend& backend, DeviceBuffer<T>& dst, std::span<const U> src) {
   detail::require_same_size("daedalus::cuda::copy", dst.size(), src.size());
   if (src.empty()) return;
-  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), dst.bytes(), cudaMemcpyHostToDevice,
-                                      backend.stream()));
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.size_bytes(),
+                                      cudaMemcpyHostToDevice, backend.stream()));
 }
 
 /// Copies a device buffer into host memory on the backend's stream; the host data is complete
@@ -183,8 +183,8 @@ requires BitCompatible<U, T>
 void copy(const CudaBackend& backend, std::span<T> dst, const DeviceBuffer<U>& src) {
   detail::require_same_size("daedalus::cuda::copy", dst.size(), src.size());
   if (src.empty()) return;
-  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost,
-                                      backend.stream()));
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), dst.size_bytes(),
+                                      cudaMemcpyDeviceToHost, backend.stream()));
 }
 
 /// Copies between two packed views with equal extents, in any memory spaces, on the backend's

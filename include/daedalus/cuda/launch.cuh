@@ -20,14 +20,24 @@ struct LaunchShape {
   std::source_location where = std::source_location::current();
 };
 
+/// Dynamic shared memory a kernel may use without opting in, on every architecture.
+inline constexpr std::size_t kDefaultDynamicSharedBytes = 48u * 1024u;
+
 /// Launches `kernel(args...)` with `shape` on the backend's stream and checks the launch: a
 /// rejected configuration or an earlier asynchronous fault throws CudaError naming the caller's
-/// file:line, the launch shape and CUDA's error. Kernels are launched only through this
-/// function, so that the same host code runs under nvcc and under the CUDA emulation layer.
+/// file:line, the launch shape and CUDA's error. More than 48 KiB of dynamic shared memory is
+/// opted into first (cudaFuncSetAttribute; at most 163 KiB on sm_80, 227 KiB on sm_90). Kernels are
+/// launched only through this function, so that the same host code runs under nvcc and under the
+/// CUDA emulation layer.
 /// @throws CudaError when the launch fails.
 template <class... Params, class... Args>
 void launch(const CudaBackend& backend, const LaunchShape& shape, void (*kernel)(Params...),
             Args&&... args) {
+  // Above 48 KiB of dynamic shared memory a kernel must opt in, once per size it needs.
+  if (shape.shared_bytes > kDefaultDynamicSharedBytes) {
+    DAEDALUS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(shape.shared_bytes)));
+  }
 #if defined(DAEDALUS_CUDA_EMULATION)
   ::daedalus::cuda_emulation::launch_on_stream(backend.stream(), kernel, shape.grid, shape.block,
                                                shape.shared_bytes, std::forward<Args>(args)...);

@@ -15,6 +15,9 @@ TEST_SUITE("cuda") {
   TEST_CASE("block_sum reduces through static shared memory with __syncthreads") {
     check_block_sum(daedalus::CudaBackend{});
   }
+  TEST_CASE("100 KB of dynamic shared memory: launch opts in above 48 KiB") {
+    check_large_dynamic_shared(daedalus::CudaBackend{});
+  }
   TEST_CASE("warp shuffles (idx, up, down, xor) and votes (ballot, any, all)") {
     check_warp_ops(daedalus::CudaBackend{});
   }

@@ -109,6 +109,22 @@ inline void check_block_sum(const CudaBackend& cuda) {
   CHECK(block_sum_error_ratio<true>(cuda, 77, 1, 503) <= 1.0);
 }
 
+/// 100,000 bytes of dynamic shared memory: more than the 48 KiB a kernel gets without opting in
+/// (cuda::launch opts in), less than sm_80's 163 KiB.
+inline void check_large_dynamic_shared(const CudaBackend& cuda) {
+  constexpr int n = 25000;
+  Random random(507);
+  const std::vector<float> x = random.uniform(n);
+  auto d_x = cuda::to_device(cuda, x);
+  cuda::DeviceBuffer<float> d_out(n);
+  cuda::launch(cuda, {dim3(1), dim3(256), n * sizeof(float)}, &kernels::reverse_through_shared,
+               d_x.data(), d_out.data(), n);
+  const std::vector<float> out = cuda::to_host(cuda, d_out);
+  int wrong = 0;
+  for (int i = 0; i < n; ++i) wrong += out[i] != x[n - 1 - i];  // copies: exact
+  CHECK(wrong == 0);
+}
+
 // ---- warp collectives ------------------------------------------------------------------------
 
 inline void check_warp_ops(const CudaBackend& cuda) {

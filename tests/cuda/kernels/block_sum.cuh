@@ -5,6 +5,7 @@
 // same source compiles with nvcc and with a host compiler against the CUDA emulation layer.
 
 #include <daedalus/cuda/platform.cuh>
+#include <daedalus/cuda/shared_memory.cuh>
 
 namespace daedalus::testing::kernels {
 
@@ -40,6 +41,18 @@ __global__ void __launch_bounds__(kThreads) block_sum(const float* x,  // [n]
     if constexpr (kSynchronised) __syncthreads();
   }
   if (tid == 0) block_sums[blockIdx.x] = partial[0];
+}
+
+/// out[i] = in[n - 1 - i] through dynamic shared memory of n floats (one block): every thread
+/// stores a strided share, then after the barrier loads another thread's share.
+__global__ void reverse_through_shared(const float* in,  // [n]
+                                       float* out,       // [n]
+                                       int n) {
+  float* staged = daedalus::cuda::dynamic_shared_memory<float>();  // [n]
+  const int tid = static_cast<int>(threadIdx.x), threads = static_cast<int>(blockDim.x);
+  for (int i = tid; i < n; i += threads) staged[i] = in[i];
+  __syncthreads();
+  for (int i = tid; i < n; i += threads) out[i] = staged[n - 1 - i];
 }
 
 }  // namespace daedalus::testing::kernels

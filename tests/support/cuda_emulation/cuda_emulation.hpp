@@ -136,6 +136,10 @@ enum cudaMemcpyKind : int {
   cudaMemcpyDefault = 4,
 };
 
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+
 inline constexpr unsigned cudaStreamDefault = 0;
 inline constexpr unsigned cudaStreamNonBlocking = 1;
 
@@ -215,6 +219,18 @@ inline Allocations& allocations() {
   static Allocations instance;
   return instance;
 }
+
+/// Dynamic shared memory each kernel has opted into with cudaFuncSetAttribute (above 48 KiB).
+struct SharedMemoryOptIns {
+  std::mutex mutex;
+  std::map<const void*, std::size_t> bytes;
+};
+inline SharedMemoryOptIns& shared_memory_opt_ins() {
+  static SharedMemoryOptIns instance;
+  return instance;
+}
+/// The dynamic shared memory a kernel may use without opting in (every architecture).
+inline constexpr std::size_t default_dynamic_shared_bytes = 48u * 1024u;
 
 inline thread_local cudaError_t last_error = cudaSuccess;
 inline thread_local std::string last_error_detail;
@@ -724,11 +740,21 @@ void launch(const Options& options, void (*kernel)(Params...), dim3 grid, dim3 b
         << "); CUDA allows 1 to 1024 threads per block (z at most 64) and a non-empty grid";
     throw LaunchError(cudaErrorInvalidConfiguration, out.str());
   }
-  // 227 KiB: the most dynamic shared memory a block may opt into on sm_90 (228 KiB per SM).
-  if (shared_bytes > 227u * 1024u) {
+  // Above 48 KiB a kernel must opt in (cudaFuncSetAttribute), up to 227 KiB on sm_90.
+  std::size_t allowed = detail::default_dynamic_shared_bytes;
+  {
+    detail::SharedMemoryOptIns& opt_ins = detail::shared_memory_opt_ins();
+    std::lock_guard lock(opt_ins.mutex);
+    const auto it = opt_ins.bytes.find(reinterpret_cast<const void*>(kernel));
+    if (it != opt_ins.bytes.end()) allowed = std::max(allowed, it->second);
+  }
+  if (shared_bytes > allowed) {
     throw LaunchError(cudaErrorInvalidValue,
                       "invalid launch configuration: " + std::to_string(shared_bytes) +
-                          " bytes of dynamic shared memory; at most 232448 on sm_90");
+                          " bytes of dynamic shared memory; the kernel may use " +
+                          std::to_string(allowed) +
+                          " (more than 49152 needs cudaFuncSetAttribute("
+                          "cudaFuncAttributeMaxDynamicSharedMemorySize))");
   }
   // Kernel parameters are copied once, as the driver copies them into constant memory.
   const std::tuple<std::decay_t<Params>...> parameters(static_cast<Params>(args)...);
@@ -972,6 +998,19 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+/// Only cudaFuncAttributeMaxDynamicSharedMemorySize, up to sm_90's 227 KiB.
+template <class Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  using namespace daedalus::cuda_emulation::detail;
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024) {
+    return record(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute or value not allowed");
+  }
+  SharedMemoryOptIns& opt_ins = shared_memory_opt_ins();
+  std::lock_guard lock(opt_ins.mutex);
+  opt_ins.bytes[reinterpret_cast<const void*>(kernel)] = static_cast<std::size_t>(value);
+  return cudaSuccess;
+}
 
 /// Allocates 256-byte aligned memory filled with 0xFF bytes (NaN for floating-point types), so a
 /// read of an element nobody wrote shows up. More than 1 TiB fails as the device would.

@@ -30,6 +30,17 @@ __global__ void read_dynamic_shared(float* out) {
   out[threadIdx.x] = daedalus::cuda::dynamic_shared_memory<float>()[threadIdx.x];
 }
 
+/// Lanes exchange values through shared memory, warp-synchronously: lane l reads what lane
+/// 31 - l wrote. Correct only with the __syncwarp between the store and the load.
+template <bool kSyncwarp>
+__global__ void exchange_in_warp(float* out) {
+  float* staged = daedalus::cuda::dynamic_shared_memory<float>();  // [32]
+  const int lane = static_cast<int>(threadIdx.x);
+  staged[lane] = static_cast<float>(2 * lane + 1);
+  if constexpr (kSyncwarp) __syncwarp();
+  out[lane] = staged[31 - lane];
+}
+
 // Lane 0 waits at the block barrier while lanes 1..31 wait for it in a shuffle: a hang on a GPU.
 __global__ void barrier_against_shuffle(float* out) {
   float v = 1.0f;
@@ -102,6 +113,16 @@ TEST_SUITE("cuda emulation") {
         CHECK(first[1] == 2);
       }
     }
+  }
+
+  TEST_CASE("warp-synchronous code needs its __syncwarp") {
+    std::vector<float> out(32, 0.0f);
+    emulation::launch(&exchange_in_warp<true>, dim3(1), dim3(32), 32 * sizeof(float), out.data());
+    for (int lane = 0; lane < 32; ++lane) CHECK(out[lane] == float(2 * (31 - lane) + 1));
+    // Without it, lane 0 reads lane 31's slot before lane 31 has run: the NaN shared memory
+    // starts with. (Lanes of a warp are not implicitly synchronous since sm_70 either.)
+    emulation::launch(&exchange_in_warp<false>, dim3(1), dim3(32), 32 * sizeof(float), out.data());
+    CHECK(std::isnan(out[0]));
   }
 
   TEST_CASE("dynamic shared memory starts as NaN in every block") {

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <source_location>
+#include <string>
 #include <utility>
 
 #include "daedalus/core/error.hpp"
@@ -35,15 +36,20 @@ void launch(const CudaBackend& backend, const LaunchShape& shape, void (*kernel)
             Args&&... args) {
   // Above 48 KiB of dynamic shared memory a kernel must opt in, once per size it needs.
   if (shape.shared_bytes > kDefaultDynamicSharedBytes) {
-    DAEDALUS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(shape.shared_bytes)));
+    // Checked as DAEDALUS_CUDA_CHECK does, but reported at the caller's line.
+    detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shape.shared_bytes)),
+                       "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, "
+                       "shape.shared_bytes)",
+                       shape.where.file_name(), shape.where.line());
   }
 #if defined(DAEDALUS_CUDA_EMULATION)
   ::daedalus::cuda_emulation::launch_on_stream(backend.stream(), kernel, shape.grid, shape.block,
                                                shape.shared_bytes, std::forward<Args>(args)...);
 #else
   // clang-format off
-  kernel<<<shape.grid, shape.block, shape.shared_bytes, backend.stream()>>>(std::forward<Args>(args)...);
+  kernel<<<shape.grid, shape.block, shape.shared_bytes, backend.stream()>>>(
+      std::forward<Args>(args)...);
   // clang-format on
 #endif
   const cudaError_t status = cudaGetLastError();

@@ -73,6 +73,7 @@ TEST_SUITE("cuda emulation") {
       check_large_dynamic_shared(cuda);
       check_warp_ops(cuda);
       check_half_warp_sums(cuda);
+      check_thread_layout(cuda);
       check_fragment_layout(cuda);
       check_mma_gemm<daedalus::bfloat16>(cuda);
       check_mma_gemm<daedalus::half>(cuda);

@@ -24,6 +24,9 @@ TEST_SUITE("cuda") {
   TEST_CASE("shuffles of width 16 in two half-warp groups with their own masks") {
     check_half_warp_sums(daedalus::CudaBackend{});
   }
+  TEST_CASE("threadIdx, blockIdx, blockDim, gridDim of 3-D blocks; warps by linear index") {
+    check_thread_layout(daedalus::CudaBackend{});
+  }
   TEST_CASE("atomicAdd (int, float), atomicMax, atomicCAS across blocks") {
     check_atomics(daedalus::CudaBackend{});
   }

@@ -203,6 +203,20 @@ inline void check_half_warp_sums(const CudaBackend& cuda) {
   CHECK(wrong == 0);
 }
 
+/// Built-in indices of a 3-D block (8×4×2 = 64 threads, two warps) in a 3×2 grid.
+inline void check_thread_layout(const CudaBackend& cuda) {
+  constexpr int threads = 64, blocks = 6;
+  cuda::DeviceBuffer<int> d_out(2 * threads * blocks);
+  cuda::launch(cuda, {dim3(3, 2), dim3(8, 4, 2)}, &kernels::thread_layout, d_out.data());
+  const auto out = cuda::to_host(cuda, d_out);
+  int wrong = 0;
+  for (int t = 0; t < threads * blocks; ++t) {
+    wrong += out[2 * t] != t;
+    wrong += out[2 * t + 1] != (t % threads) / 32 * 32;
+  }
+  CHECK(wrong == 0);
+}
+
 // ---- atomics ---------------------------------------------------------------------------------
 
 inline void check_atomics(const CudaBackend& cuda) {

@@ -76,4 +76,17 @@ __global__ void half_warp_sums(const float* x,    // [n]
   if (i < n && lane % 16 == 0) half_sums[i / 16] = sum;
 }
 
+/// For a 3-D block in a 2-D grid: out[2·t] = the thread's linear index in the grid, out[2·t + 1]
+/// = the linear index (within the block) of lane 0 of its warp, read with __shfl_sync. Warps
+/// are formed from the linear thread index x + y·Dx + z·Dx·Dy, x fastest.
+__global__ void thread_layout(int* out) {  // [2 · total threads]
+  const int in_block = static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x +
+                                        threadIdx.z * blockDim.x * blockDim.y);
+  const int threads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+  const int block = static_cast<int>(blockIdx.x + blockIdx.y * gridDim.x);
+  const int t = block * threads + in_block;
+  out[2 * t] = t;
+  out[2 * t + 1] = __shfl_sync(kFullMask, in_block, 0);
+}
+
 }  // namespace daedalus::testing::kernels

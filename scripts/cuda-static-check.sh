@@ -10,10 +10,11 @@
 # Exit: 0 pass, 1 a kernel fails, 2 no nvcc, 77 local memory checked but no cuobjdump for SASS.
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-out_dir="${1:-build/cuda-static-check}"
+# The output directory is taken relative to where the script is called from.
+out_dir="${1:-$(dirname "${BASH_SOURCE[0]}")/../build/cuda-static-check}"
 mkdir -p "${out_dir}"
+out_dir="$(cd "${out_dir}" && pwd)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # nvcc: $NVCC, PATH, /usr/local/cuda/bin.
 if [[ -z "${NVCC:-}" ]]; then

@@ -90,6 +90,8 @@ std::string launch_failure(Kernel kernel, unsigned threads) {
 
 TEST_SUITE("cuda emulation") {
   TEST_CASE("threads of a block interleave: each runs ahead to its next barrier") {
+    // Thread order, whatever DAEDALUS_EMULATION_SCHEDULE says: the expectations below are its.
+    emulation::ScopedOptions in_order{emulation::Options{}};
     constexpr int n = 64;
     for (const bool barrier : {true, false}) {
       CAPTURE(barrier);
@@ -116,6 +118,7 @@ TEST_SUITE("cuda emulation") {
   }
 
   TEST_CASE("warp-synchronous code needs its __syncwarp") {
+    emulation::ScopedOptions in_order{emulation::Options{}};
     std::vector<float> out(32, 0.0f);
     emulation::launch(&exchange_in_warp<true>, dim3(1), dim3(32), 32 * sizeof(float), out.data());
     for (int lane = 0; lane < 32; ++lane) CHECK(out[lane] == float(2 * (31 - lane) + 1));

@@ -166,8 +166,48 @@ struct Options {
   std::size_t stack_bytes = 256 << 10;  ///< per emulated CUDA thread
 };
 
+namespace detail {
+/// Options from the environment, so a whole test binary can be rerun under another schedule:
+/// DAEDALUS_EMULATION_SCHEDULE (in_order, reversed, shuffled), DAEDALUS_EMULATION_SEED,
+/// DAEDALUS_EMULATION_HOST_THREADS. An unparsable value ends the run with a message.
+inline Options options_from_environment() {
+  Options options;
+  auto fail = [](const char* name, const char* value, const char* expected) {
+    std::fprintf(stderr, "cuda_emulation: %s is '%s'; expected %s\n", name, value, expected);
+    std::exit(2);
+  };
+  if (const char* v = std::getenv("DAEDALUS_EMULATION_SCHEDULE"); v != nullptr && *v != '\0') {
+    const std::string text = v;
+    if (text == "in_order") {
+      options.schedule = Schedule::in_order;
+    } else if (text == "reversed") {
+      options.schedule = Schedule::reversed;
+    } else if (text == "shuffled") {
+      options.schedule = Schedule::shuffled;
+    } else {
+      fail("DAEDALUS_EMULATION_SCHEDULE", v, "in_order, reversed or shuffled");
+    }
+  }
+  if (const char* v = std::getenv("DAEDALUS_EMULATION_SEED"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    options.seed = std::strtoull(v, &end, 10);
+    if (*end != '\0') fail("DAEDALUS_EMULATION_SEED", v, "a decimal integer");
+  }
+  if (const char* v = std::getenv("DAEDALUS_EMULATION_HOST_THREADS"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long threads = std::strtol(v, &end, 10);
+    if (*end != '\0' || threads < 1 || threads > 256) {
+      fail("DAEDALUS_EMULATION_HOST_THREADS", v, "an integer in [1, 256]");
+    }
+    options.host_threads = static_cast<int>(threads);
+  }
+  return options;
+}
+}  // namespace detail
+
+/// The options of launches that name none: the defaults, or what the environment says.
 inline Options& default_options() {
-  static Options options;
+  static Options options = detail::options_from_environment();
   return options;
 }
 

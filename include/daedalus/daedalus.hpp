@@ -16,6 +16,7 @@
 #include "daedalus/kv_cache/fp8.hpp"
 #include "daedalus/kv_cache/memory.hpp"
 #include "daedalus/kv_cache/paged.hpp"
+#include "daedalus/kv_cache/paged_view.hpp"
 #include "daedalus/kv_cache/storage.hpp"
 #include "daedalus/mla/attention.hpp"
 #include "daedalus/mla/cpu/attention.hpp"

@@ -200,6 +200,74 @@ class BlockAllocator {
     check_capacity(caller, seq, sequence, start_pos, start_pos + n);
   }
 
+  /// Checks that the writes of `n` rows at starts[i] of seqs[i], for every i in order, are each
+  /// valid and fit in the pool together (what a batched decode or prefill needs before its first
+  /// write): the free blocks must cover every new block and copy-on-write copy of the batch,
+  /// counted exactly (two forks appending into their shared last block need one copy, not two:
+  /// after the first copies, the second holds the block alone). Changes nothing.
+  /// @throws InvalidArgument when the spans differ in size or n < 0; OutOfRange for a released
+  ///         or unknown sequence or a start outside [0, length] (the length after the batch's
+  ///         earlier writes to that sequence); CapacityError when the pool cannot hold the batch.
+  void check_writes(std::string_view caller, std::span<const index_t> seqs,
+                    std::span<const index_t> starts, index_t n) const {
+    detail::require<InvalidArgument>(seqs.size() == starts.size(), caller, ": 'starts' has ",
+                                     starts.size(), " entries; expected ", seqs.size(),
+                                     " (one per sequence)");
+    detail::require<InvalidArgument>(n >= 0, caller, ": the write has ", n,
+                                     " rows; expected at least 0");
+    std::unordered_map<index_t, Sequence> simulated;      // sequences the batch wrote so far
+    std::unordered_map<std::int32_t, std::int32_t> refs;  // reference counts the batch changed
+    const auto ref = [&](std::int32_t block) {
+      const auto it = refs.find(block);
+      return it != refs.end() ? it->second : ref_counts_[std::size_t(block)];
+    };
+    index_t free = num_free_blocks();
+    index_t needed = 0;
+    std::int32_t next_block = num_blocks_ > 0 ? std::int32_t(num_blocks_) : 0;  // stand-ins
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const index_t seq = seqs[i];
+      const auto found = simulated.find(seq);
+      Sequence next = found != simulated.end() ? found->second : live_for(caller, seq);
+      detail::require<OutOfRange>(starts[i] >= 0 && starts[i] <= next.length, caller, ": 'starts[",
+                                  i, "]' is ", starts[i], "; expected a position in [0, ",
+                                  next.length, "] (sequence ", seq, " holds ", next.length,
+                                  " tokens)");
+      const index_t new_length = starts[i] + n;
+      const index_t keep = blocks_for(new_length);
+      const auto take_simulated = [&] {
+        ++needed;
+        detail::require<CapacityError>(
+            free > 0, caller, ": the block pool is exhausted: the batch's writes need at least ",
+            needed, " free blocks (new blocks and copy-on-write copies) by entry ", i,
+            " (sequence ", seq, "); ", num_free_blocks(), " of the pool's ", num_blocks_,
+            " blocks of ", block_size_, " tokens are free");
+        --free;
+        const std::int32_t block = next_block++;  // ids past the pool: never real blocks
+        refs[block] = 1;
+        return block;
+      };
+      while (index_t(next.blocks.size()) > keep) {
+        const std::int32_t block = next.blocks.back();
+        const std::int32_t remaining = ref(block) - 1;
+        refs[block] = remaining;
+        if (remaining == 0) ++free;
+        next.blocks.pop_back();
+      }
+      for (index_t j = first_written_block(starts[i], new_length); j < index_t(next.blocks.size());
+           ++j) {
+        std::int32_t& block = next.blocks[std::size_t(j)];
+        if (ref(block) == 1) continue;
+        const std::int32_t copy = take_simulated();
+        const std::int32_t remaining = ref(block) - 1;
+        refs[block] = remaining;
+        block = copy;
+      }
+      while (index_t(next.blocks.size()) < keep) next.blocks.push_back(take_simulated());
+      next.length = new_length;
+      simulated[seq] = std::move(next);
+    }
+  }
+
   /// Makes rows [start_pos, start_pos + n) of `seq` writable and sets its length to
   /// start_pos + n (rows from there on are dropped, as a chunked-prefill rewrite expects): blocks
   /// past the new end are returned, shared blocks holding any of the rows are copied (rows before

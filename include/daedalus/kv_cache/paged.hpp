@@ -16,6 +16,7 @@
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/kv_cache/block_allocator.hpp"
+#include "daedalus/kv_cache/paged_view.hpp"
 #include "daedalus/kv_cache/storage.hpp"
 
 namespace daedalus {
@@ -96,6 +97,19 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   /// Row `slot` of block `block` (no checks: for kernels that validated their block table).
   [[nodiscard]] const std::byte* row_pointer(std::int32_t block, index_t slot) const {
     return pool_.get() + (std::size_t(block) * BlockSize + std::size_t(slot)) * row_bytes;
+  }
+
+  /// The view of sequences `seqs` (in that order) that FlashMLA-style kernels and
+  /// mla::absorbed_attention read: this pool, with the block table and lengths written into
+  /// `storage` (which the view points into, so it must outlive the view and not change).
+  /// @throws OutOfRange for a released or unknown sequence.
+  [[nodiscard]] PagedLatentView<C, Storage, BlockSize> view(std::span<const index_t> seqs,
+                                                            BlockTable& storage) const {
+    allocator_->block_table(seqs, storage);
+    return {pool_data(), num_blocks(),
+            HostView<const std::int32_t, 2>(storage.table.data(),
+                                            {storage.batch(), storage.max_blocks}),
+            HostView<const std::int32_t, 1>(storage.seqlens.data(), {storage.batch()})};
   }
 
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.

@@ -111,6 +111,9 @@ class BlockAllocator {
     return ids;
   }
 
+  /// Throws OutOfRange, with a message starting with `caller`, unless `seq` is live.
+  void check_live(std::string_view caller, index_t seq) const { live_for(caller, seq); }
+
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
   [[nodiscard]] index_t length(index_t seq) const { return live(seq, "length").length; }
 
@@ -140,7 +143,7 @@ class BlockAllocator {
     return id;
   }
   /// A new sequence sharing all of `seq`'s tokens: fork(seq, length(seq)).
-  index_t fork(index_t seq) { return fork(seq, length(seq)); }
+  index_t fork(index_t seq) { return fork(seq, live(seq, "fork").length); }
 
   /// Sets the length of `seq` to `new_length`. Growing claims the new rows for writing: shared
   /// blocks among them are copied first and new blocks taken from the free list; shrinking

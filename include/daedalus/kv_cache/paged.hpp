@@ -151,7 +151,10 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   }
 
   /// Appends `rows` ([n, latent_dim]) after the tokens of sequence `seq`.
-  void append(index_t seq, HostView<const float, 2> rows) { write(seq, length(seq), rows); }
+  void append(index_t seq, HostView<const float, 2> rows) {
+    allocator_->check_live(kWrite, seq);
+    write(seq, length(seq), rows);
+  }
 
   /// Reads tokens [start_pos, start_pos + n) of `seq` back as fp32 into `out` ([n, latent_dim]).
   /// @throws OutOfRange for a released or unknown sequence or a range outside [0, length(seq));

@@ -61,7 +61,7 @@ int main() {
   Cache cache(allocator);
   std::printf(
       "%s MLA layer, %s cache, %d threads: pool of %lld blocks of %d tokens (%.1f MiB "
-      "budget 16 MiB)\n",
+      "of a 16 MiB budget)\n",
       Model::name, Cache::format::name, cpu.num_threads(),
       static_cast<long long>(sizing.num_blocks), kBlockSize, mib(double(sizing.bytes)));
 

@@ -125,7 +125,13 @@ struct OnlineSoftmax {
 /// Per-thread scratch, grown on demand and kept for the thread's life so that decode steps do
 /// not allocate (OpenMP threads persist between parallel regions).
 struct AttentionScratch {
-  std::vector<float> scores, keys, packed, acc, partial_out, partial_lse;
+  /// 64-byte aligned (a cache line, one zmm): Eigen's vectorised exp over a row of scores starts
+  /// with scalar steps up to the first aligned element, and its scalar and packet exp round
+  /// differently. With every thread's buffer aligned alike, a result does not depend on which
+  /// thread computed it.
+  using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
+  AlignedFloats scores, acc;
+  std::vector<float> keys, packed, partial_out, partial_lse;
   std::vector<index_t> visible;
   std::vector<std::uint32_t> q_pairs, p_pairs, v_pairs;  // bf16 pairs (latent_gemm_bf16.hpp)
   std::vector<const void*> row_pointers;                 // key rows of a block across pages
@@ -135,7 +141,8 @@ struct AttentionScratch {
     static thread_local AttentionScratch scratch;
     return scratch;
   }
-  static float* sized(std::vector<float>& v, index_t n) {
+  template <class Vector>
+  static float* sized(Vector& v, index_t n) {
     if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
     return v.data();
   }

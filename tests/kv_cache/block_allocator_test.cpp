@@ -194,6 +194,16 @@ TEST_CASE("BlockAllocator: block tables list blocks in the order asked, padded w
   CHECK(paged.cache_seqlens(0) == 16);
   paged.validate("test");
   CHECK(paged.row(2, 17) == cache.row_pointer(1, 1));
+
+  // A block table pointing outside the pool is rejected before any kernel reads it; entries
+  // past a sequence's blocks (-1) are not read and may hold anything.
+  std::vector<std::int32_t> bad = storage.table;
+  bad[2 * 3 + 1] = 10;  // sequence a's second block: one past the pool
+  const daedalus::PagedLatentView<Tiny, float, kBlock> outside{
+      cache.pool_data(), cache.num_blocks(), HostView<const std::int32_t, 2>(bad.data(), {4, 3}),
+      HostView<const std::int32_t, 1>(storage.seqlens.data(), {4})};
+  CHECK(contains(message_of<daedalus::OutOfRange>([&] { outside.validate("test"); }),
+                 "'block_table[2,1]' is 10; expected a block id in [0, 10)"));
 }
 
 TEST_CASE("BlockAllocator::check_writes counts a batch's copies and new blocks exactly") {

@@ -329,13 +329,12 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
 }
 
 /// `decode` over a paged cache (PagedLatentCache): the same semantics as the contiguous
-/// overload; the batch is read through the sequences' block tables.
-///
-/// Pool capacity is checked for the whole batch before anything is written: the sum over the
-/// sequences of the blocks each append needs (new blocks and copy-on-write copies) must not
-/// exceed the free blocks. Siblings of one fork that both append into their shared last block
-/// are counted as two copies although the second finds the block no longer shared, so the check
-/// may ask for one block more than the writes finally take.
+/// overload; the batch is read through the sequences' block tables. Pool capacity is checked for
+/// the whole batch before anything is written (BlockAllocator::check_writes: new blocks and
+/// copy-on-write copies, counted exactly). The new tokens go at length(seq) of each sequence:
+/// right for one layer. Layers that share an allocator share lengths, so after the first layer
+/// has appended, the others must write the same positions: call `prefill` with
+/// start_pos = length(seq) - q_len for them (README, "Latent KV cache containers").
 ///
 /// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (released or unknown
 ///         sequence), CapacityError (the pool lacks free blocks), NumericError (non-finite x).
@@ -354,7 +353,6 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
   daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
   const BlockAllocator& allocator = cache.allocator();
   std::vector<index_t> starts(seqs.size());
-  index_t blocks_needed = 0;
   for (index_t b = 0; b < batch; ++b) {
     for (index_t other = 0; other < b; ++other) {
       daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
@@ -365,14 +363,8 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
                                           seqs[b],
                                           "; expected a live sequence of the cache's allocator");
     starts[b] = cache.length(seqs[b]);
-    cache.check_write(fn, seqs[b], starts[b], q_len);
-    blocks_needed += allocator.blocks_needed(seqs[b], starts[b], q_len);
   }
-  daedalus::detail::require<CapacityError>(
-      blocks_needed <= allocator.num_free_blocks(), fn, ": appending ", q_len,
-      " token(s) to each of ", batch, " sequences needs ", blocks_needed,
-      " free blocks (new blocks and copy-on-write copies); the pool has ",
-      allocator.num_free_blocks(), " free of ", allocator.num_blocks());
+  allocator.check_writes(fn, seqs, starts, q_len);
   detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
                                        out.data(), mode);

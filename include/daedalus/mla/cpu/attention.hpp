@@ -551,12 +551,7 @@ struct MlaImpl<C, CpuBackend> {
   static void with_rows(const PagedLatentCache<C, CpuBackend, Storage, BlockSize>& cache,
                         std::span<const index_t> seqs, Body&& body) {
     static thread_local BlockTable table;  // reused: a decode loop rebuilds it every step
-    cache.allocator().block_table(seqs, table);
-    const index_t batch = table.batch();
-    const PagedLatentView<C, Storage, BlockSize> view{
-        cache.pool_data(), cache.num_blocks(),
-        HostView<const std::int32_t, 2>(table.table.data(), {batch, table.max_blocks}),
-        HostView<const std::int32_t, 1>(table.seqlens.data(), {batch})};
+    const PagedLatentView<C, Storage, BlockSize> view = cache.view(seqs, table);
     body(PagedLatentRows<C, Storage, BlockSize>(view));
   }
 

@@ -327,3 +327,54 @@ TEST_CASE("BlockAllocator and PagedLatentCache: bad input throws a typed error, 
   CHECK_THROWS_AS(cache.read(a, 39, HostView<float, 2>(out.data(), {2, D})), daedalus::OutOfRange);
   CHECK(unchanged());
 }
+
+TEST_CASE("BlockAllocator::check_writes agrees with applying the writes one by one") {
+  Random random(904);
+  int passed = 0, refused = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    BlockAllocator allocator(12, 8);
+    // A random family of sequences sharing blocks: a root, forks of forks, some releases.
+    std::vector<index_t> live{allocator.add_sequence()};
+    allocator.append(live[0], random.integer(0, 70));
+    for (int k = 0; k < 6; ++k) {
+      const index_t parent = live[std::size_t(random.integer(0, index_t(live.size()) - 1))];
+      live.push_back(allocator.fork(parent, random.integer(0, allocator.length(parent))));
+      if (random.integer(0, 3) == 0 && live.size() > 2) {
+        allocator.release(live.front());
+        live.erase(live.begin());
+      }
+    }
+    // A batch: some sequences (maybe repeated), each written at a start within its length as
+    // it will be when its turn comes.
+    const index_t n = random.integer(0, 20);
+    std::vector<index_t> seqs, starts;
+    std::vector<index_t> lengths(live.size());
+    for (std::size_t i = 0; i < live.size(); ++i) lengths[i] = allocator.length(live[i]);
+    for (index_t b = random.integer(1, 5); b > 0; --b) {
+      const std::size_t i = std::size_t(random.integer(0, index_t(live.size()) - 1));
+      seqs.push_back(live[i]);
+      starts.push_back(random.integer(0, 1) ? lengths[i] : random.integer(0, lengths[i]));
+      lengths[i] = starts.back() + n;
+    }
+    bool predicted = true;
+    try {
+      allocator.check_writes("test", seqs, starts, n);
+    } catch (const daedalus::CapacityError&) {
+      predicted = false;
+    }
+    bool applied = true;
+    for (std::size_t b = 0; b < seqs.size() && applied; ++b) {
+      try {
+        allocator.prepare_write("test", seqs[b], starts[b], n);
+      } catch (const daedalus::CapacityError&) {
+        applied = false;
+      }
+    }
+    CAPTURE(trial);
+    REQUIRE(predicted == applied);
+    (predicted ? passed : refused) += 1;
+  }
+  // Both outcomes occur, so the agreement means something.
+  CHECK(passed > 30);
+  CHECK(refused > 30);
+}

@@ -226,7 +226,7 @@ class BlockAllocator {
     };
     index_t free = num_free_blocks();
     index_t needed = 0;
-    std::int32_t next_block = num_blocks_ > 0 ? std::int32_t(num_blocks_) : 0;  // stand-ins
+    std::int32_t next_block = -1;  // stand-ins for blocks the batch takes: -1, -2, ...
     for (std::size_t i = 0; i < seqs.size(); ++i) {
       const index_t seq = seqs[i];
       const auto found = simulated.find(seq);
@@ -245,7 +245,7 @@ class BlockAllocator {
             " (sequence ", seq, "); ", num_free_blocks(), " of the pool's ", num_blocks_,
             " blocks of ", block_size_, " tokens are free");
         --free;
-        const std::int32_t block = next_block++;  // ids past the pool: never real blocks
+        const std::int32_t block = next_block--;  // negative: never a real block id
         refs[block] = 1;
         return block;
       };

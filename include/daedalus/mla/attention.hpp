@@ -6,6 +6,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "daedalus/config/concepts.hpp"
 #include "daedalus/core/backend.hpp"

@@ -175,7 +175,7 @@ template <class Rows>
 inline const float* latent_rows_fp32(const Rows& rows, index_t b, index_t pos, index_t n,
                                      index_t latent_dim, std::vector<float>& scratch) {
   using Element = typename Rows::element_type;
-  if constexpr (std::is_same_v<Element, float> && Rows::row_stride > 0) {
+  if constexpr (std::is_same_v<Element, float>) {
     const auto first = rows.run(b, pos, n);
     if (first.count == n && Rows::row_stride == latent_dim) return first.rows;
   }

@@ -2,15 +2,19 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "daedalus/config/concepts.hpp"
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/kv_cache/contiguous.hpp"
+#include "daedalus/kv_cache/paged.hpp"
+#include "daedalus/kv_cache/paged_view.hpp"
 #include "daedalus/mla/rope.hpp"
 #include "daedalus/mla/weights.hpp"
 
@@ -134,6 +138,43 @@ void absorbed_attention(const Backend& backend,
   detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, seqs, q, scale, out_latent);
 }
 
+/// The absorbed attention core over a paged pool, with FlashMLA's arguments (PagedLatentView:
+/// pool, block_table [batch, max_blocks], cache_seqlens [batch]): the same computation, masking
+/// and precision as the contiguous overload, for a varlen batch whose blocks may lie anywhere in
+/// the pool, in any order, shared or not. Query i of entry b sits at position
+/// cache_seqlens[b] - q_len + i; a query row that sees no cached token (an entry with fewer
+/// tokens than q_len, e.g. a zero-length padding entry) gets zeros. Long sequences are split
+/// across threads and merged by log-sum-exp (flash-decoding), as in the contiguous case. fp16
+/// and fp8 pools are widened to fp32 per key block (fp8: e4m3 code times its tile's scale, k_pe
+/// from bf16; LatentRowFormat) and the fp32 kernels run; the result then carries the storage's
+/// rounding of every cached value (the tests bound it from the format's documented error).
+///
+/// @param cache      the pool and batch; only rows below each sequence's length are read
+/// @param q          [batch, q_len, n_heads, kv_lora_rank + rope]
+/// @param scale      the softmax scale (softmax_scale<C>())
+/// @param out_latent [batch, q_len, n_heads, kv_lora_rank] out
+/// @throws InvalidArgument (extents), OutOfRange (a negative length, a length past
+///         max_blocks · BlockSize, a used block-table entry outside [0, num_blocks)); nothing is
+///         written when it throws.
+template <class Backend, MlaConfig C, class Storage, int BlockSize, class Space>
+void absorbed_attention(const Backend& backend,
+                        const PagedLatentView<C, Storage, BlockSize, Space>& cache,
+                        TensorView<const float, 4, typename Backend::memory_space> q, double scale,
+                        TensorView<float, 4, typename Backend::memory_space> out_latent) {
+  static_assert(std::is_same_v<Space, typename Backend::memory_space>,
+                "daedalus::mla::absorbed_attention: 'cache' (a PagedLatentView) lives in a memory "
+                "space this backend cannot read");
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::absorbed_attention";
+  cache.validate(fn);
+  const index_t batch = cache.batch();
+  const index_t q_len = q.extent(1);
+  daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::latent_dim});
+  daedalus::detail::check_extents(fn, "out_latent", out_latent,
+                                  {batch, q_len, S::n_heads, S::kv_lora_rank});
+  detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, q, scale, out_latent);
+}
+
 /// The naive attention core: up-projects the cached latents through wkv_b into per-head keys
 /// [k_nope ; k_pe] and values, blockwise, and runs causal multi-head attention (same masking and
 /// cache contract as `absorbed_attention`).
@@ -161,6 +202,30 @@ void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
                                           " tokens; expected at least q_len = ", q_len);
   }
   detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, seqs, q, scale, out);
+}
+
+/// The naive attention core over a paged pool (PagedLatentView), with the masking of the
+/// paged `absorbed_attention`.
+///
+/// @param q   [batch, q_len, n_heads, qk_head_dim]: q_nope then rotated q_pe
+/// @param out [batch, q_len, n_heads, v_head_dim] out
+/// @throws as the paged absorbed_attention; nothing is written when it throws.
+template <class Backend, MlaConfig C, class Storage, int BlockSize, class Space>
+void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
+                     const PagedLatentView<C, Storage, BlockSize, Space>& cache,
+                     TensorView<const float, 4, typename Backend::memory_space> q, double scale,
+                     TensorView<float, 4, typename Backend::memory_space> out) {
+  static_assert(std::is_same_v<Space, typename Backend::memory_space>,
+                "daedalus::mla::naive_attention: 'cache' (a PagedLatentView) lives in a memory "
+                "space this backend cannot read");
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::naive_attention";
+  cache.validate(fn);
+  const index_t batch = cache.batch();
+  const index_t q_len = q.extent(1);
+  daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::qk_head_dim});
+  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::n_heads, S::v_head_dim});
+  detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, q, scale, out);
 }
 
 /// One MLA layer over a chunk of `tokens` tokens of sequence `seq` at positions
@@ -232,6 +297,75 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
     starts[b] = cache.length(seqs[b]);
     cache.check_write(fn, seqs[b], starts[b], q_len);
   }
+  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
+                                       out.data(), mode);
+}
+
+/// `prefill` over a paged cache (PagedLatentCache): the same semantics as the contiguous
+/// overload. The chunk's rows go to the sequence's blocks (blocks shared with a fork are copied
+/// first, in every layer's pool, by the allocator), then the chunk attends over the sequence
+/// read through its block table.
+///
+/// @throws InvalidArgument (extents), OutOfRange (released or unknown seq, start_pos >
+///         length(seq)), CapacityError (the pool lacks the free blocks the chunk needs, copies
+///         included), NumericError (non-finite x). The cache and allocator are unchanged when
+///         it throws.
+template <class Backend, MlaConfig C, class Storage, int BlockSize>
+void prefill(const Backend& backend, const MlaWeights<C>& weights,
+             PagedLatentCache<C, Backend, Storage, BlockSize>& cache, index_t seq,
+             index_t start_pos, TensorView<const float, 2, typename Backend::memory_space> x,
+             TensorView<float, 2, typename Backend::memory_space> out,
+             AttentionMode mode = AttentionMode::naive) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::prefill";
+  const index_t tokens = x.extent(0);
+  daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
+  cache.check_write(fn, seq, start_pos, tokens);
+  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
+                                       std::span<const index_t>(&start_pos, 1), tokens, x.data(),
+                                       out.data(), mode);
+}
+
+/// `decode` over a paged cache (PagedLatentCache): the same semantics as the contiguous
+/// overload; the batch is read through the sequences' block tables. Pool capacity is checked for
+/// the whole batch before anything is written (BlockAllocator::check_writes: new blocks and
+/// copy-on-write copies, counted exactly). The new tokens go at length(seq) of each sequence:
+/// right for one layer. Layers that share an allocator share lengths, so after the first layer
+/// has appended, the others must write the same positions: call `prefill` with
+/// start_pos = length(seq) - q_len for them (README, "Latent KV cache containers").
+///
+/// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (released or unknown
+///         sequence), CapacityError (the pool lacks free blocks), NumericError (non-finite x).
+///         The cache and allocator are unchanged when it throws.
+template <class Backend, MlaConfig C, class Storage, int BlockSize>
+void decode(const Backend& backend, const MlaWeights<C>& weights,
+            PagedLatentCache<C, Backend, Storage, BlockSize>& cache, std::span<const index_t> seqs,
+            TensorView<const float, 3, typename Backend::memory_space> x,
+            TensorView<float, 3, typename Backend::memory_space> out,
+            AttentionMode mode = AttentionMode::absorbed) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::decode";
+  const index_t batch = index_t(seqs.size());
+  const index_t q_len = x.extent(1);
+  daedalus::detail::check_extents(fn, "x", x, {batch, q_len, S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
+  const BlockAllocator& allocator = cache.allocator();
+  std::vector<index_t> starts(seqs.size());
+  for (index_t b = 0; b < batch; ++b) {
+    for (index_t other = 0; other < b; ++other) {
+      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
+                                                 "sequence ", seqs[b], " twice (entries ", other,
+                                                 " and ", b, "); expected distinct ids");
+    }
+    daedalus::detail::require<OutOfRange>(allocator.contains(seqs[b]), fn, ": 'seqs[", b, "]' is ",
+                                          seqs[b],
+                                          "; expected a live sequence of the cache's allocator");
+    starts[b] = cache.length(seqs[b]);
+  }
+  allocator.check_writes(fn, seqs, starts, q_len);
   detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
                                        out.data(), mode);

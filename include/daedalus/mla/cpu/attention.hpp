@@ -13,11 +13,15 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/cpu/linear.hpp"
 #include "daedalus/core/dtype.hpp"
+#include "daedalus/kv_cache/block_allocator.hpp"
 #include "daedalus/kv_cache/contiguous.hpp"
+#include "daedalus/kv_cache/paged.hpp"
+#include "daedalus/kv_cache/paged_view.hpp"
 #include "daedalus/mla/attention.hpp"
 #include "daedalus/mla/cpu/latent_block.hpp"
 #include "daedalus/mla/cpu/latent_gemm.hpp"
 #include "daedalus/mla/cpu/latent_gemm_bf16.hpp"
+#include "daedalus/mla/cpu/latent_rows.hpp"
 #include "daedalus/mla/rope.hpp"
 #include "daedalus/mla/weights.hpp"
 
@@ -121,16 +125,24 @@ struct OnlineSoftmax {
 /// Per-thread scratch, grown on demand and kept for the thread's life so that decode steps do
 /// not allocate (OpenMP threads persist between parallel regions).
 struct AttentionScratch {
-  std::vector<float> scores, keys, packed, acc, partial_out, partial_lse;
+  /// 64-byte aligned (a cache line, one zmm): Eigen's vectorised exp over a row of scores starts
+  /// with scalar steps up to the first aligned element, and its scalar and packet exp round
+  /// differently. With every thread's buffer aligned alike, a result does not depend on which
+  /// thread computed it.
+  using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
+  AlignedFloats scores, acc;
+  std::vector<float> keys, packed, partial_out, partial_lse;
   std::vector<index_t> visible;
   std::vector<std::uint32_t> q_pairs, p_pairs, v_pairs;  // bf16 pairs (latent_gemm_bf16.hpp)
+  std::vector<const void*> row_pointers;                 // key rows of a block across pages
   OnlineSoftmax softmax;
 
   static AttentionScratch& local() {
     static thread_local AttentionScratch scratch;
     return scratch;
   }
-  static float* sized(std::vector<float>& v, index_t n) {
+  template <class Vector>
+  static float* sized(Vector& v, index_t n) {
     if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
     return v.data();
   }
@@ -214,10 +226,9 @@ struct MlaImpl<C, CpuBackend> {
   /// Splits every tile's key range so that the pieces number about one per thread or more and
   /// none is longer than the longest tile's range divided by the thread count (FlashMLA's
   /// get_mla_metadata idea, on the host): one long sequence then uses every thread.
-  template <class Storage>
-  static std::vector<AbsorbedWorkItem> plan_absorbed(
-      const CpuBackend& cpu, const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
-      std::span<const index_t> seqs, index_t q_len, index_t& partial_slots) {
+  template <class Rows>
+  static std::vector<AbsorbedWorkItem> plan_absorbed(const CpuBackend& cpu, const Rows& src,
+                                                     index_t q_len, index_t& partial_slots) {
     const index_t rows_per_seq = q_len * S::n_heads;
     const index_t tokens_per_tile = std::max<index_t>(1, Traits::row_tile / S::n_heads);
     struct Tile {
@@ -225,11 +236,13 @@ struct MlaImpl<C, CpuBackend> {
     };
     std::vector<Tile> tiles;
     index_t total_blocks = 0;
-    for (index_t b = 0; b < index_t(seqs.size()); ++b) {
-      const index_t len = cache.length(seqs[b]);
+    for (index_t b = 0; b < src.batch(); ++b) {
+      const index_t len = src.length(b);
       for (index_t t0 = 0; t0 < q_len; t0 += tokens_per_tile) {
         const index_t t1 = std::min(q_len, t0 + tokens_per_tile);
-        const index_t keys = len - q_len + t1;  // the tile's last token sees keys [0, keys)
+        // The tile's last token sees keys [0, keys); none when the sequence holds fewer tokens
+        // than its queries (a zero-length entry of a paged batch).
+        const index_t keys = std::max<index_t>(0, len - q_len + t1);
         tiles.push_back({b, t0 * S::n_heads, std::min(rows_per_seq, t1 * S::n_heads), keys});
         total_blocks += (keys + Traits::key_block - 1) / Traits::key_block;
       }
@@ -254,18 +267,23 @@ struct MlaImpl<C, CpuBackend> {
   }
 
   /// Absorbed attention of one work item (DeepSeek-V2 section 2.1.2 with W_UK absorbed into q:
-  /// score[r,t] = q[r]·[c_t ; k_pe_t] · scale, o_lat[r] = Σ_t p[r,t] c_t). Writes the
-  /// normalised [rows, kv_lora_rank] result to `out` (row stride out_stride) and, when `lse`
-  /// is given, each row's log-sum-exp.
-  template <class Storage>
-  static void attend_tile(const ContiguousLatentCache<C, CpuBackend, Storage>& cache, index_t seq,
-                          index_t q_len, const float* q_rows, const AbsorbedWorkItem& item,
-                          float scale, float* out, index_t out_stride, float* lse) {
+  /// score[r,t] = q[r]·[c_t ; k_pe_t] · scale, o_lat[r] = Σ_t p[r,t] c_t) over the cached rows
+  /// of batch entry b of `src` (latent_rows.hpp). Each key block of up to key_block tokens is
+  /// one online-softmax step; its rows are read run by run where they lie (fp32, and bf16 with
+  /// AVX512-BF16) or widened to fp32 first (fp16, fp8, bf16 without AVX512-BF16). Only rows
+  /// below the sequence's length are ever read. Writes the normalised [rows, kv_lora_rank]
+  /// result to `out` (row stride out_stride) and, when `lse` is given, each row's log-sum-exp.
+  template <class Rows>
+  static void attend_tile(const Rows& src, index_t b, index_t q_len, const float* q_rows,
+                          const AbsorbedWorkItem& item, float scale, float* out, index_t out_stride,
+                          float* lse) {
+    using Element = typename Rows::element_type;
     constexpr index_t D = S::latent_dim;
     constexpr index_t V = S::kv_lora_rank;
     constexpr index_t KB = Traits::key_block;
+    constexpr index_t key_stride = Rows::row_stride;
     const index_t rows = item.row_end - item.row_begin;
-    const index_t first_query_pos = cache.length(seq) - q_len;
+    const index_t first_query_pos = src.length(b) - q_len;
     AttentionScratch& scratch = AttentionScratch::local();
     const index_t st_stride = cpu_kernels::padded_rows(rows);
     float* scores_t = AttentionScratch::sized(scratch.scores, KB * st_stride);  // [key][row]
@@ -275,10 +293,12 @@ struct MlaImpl<C, CpuBackend> {
     std::vector<index_t>& visible = scratch.visible;
     visible.resize(std::size_t(rows));
     const float* q_tile = q_rows + item.row_begin * D;
+    // fp32 rows are read in place by the fp32 kernels.
+    constexpr bool reads_fp32_in_place = std::is_same_v<Element, float>;
 #if defined(__AVX512BF16__)
     // A bf16 cache is read as it lies by the AVX512-BF16 kernels (latent_gemm_bf16.hpp).
     constexpr bool use_bf16_kernels =
-        std::is_same_v<Storage, bfloat16> && cpu_kernels::bf16_kernels_fit(D, V);
+        std::is_same_v<Element, bfloat16> && cpu_kernels::bf16_kernels_fit(D, V);
     cpu_kernels::QueryTileBf16 tile_bf16{};
     if constexpr (use_bf16_kernels)
       tile_bf16 = cpu_kernels::prepare_query_tile_bf16(q_tile, rows, D, scratch.q_pairs);
@@ -290,14 +310,21 @@ struct MlaImpl<C, CpuBackend> {
       tile = cpu_kernels::prepare_query_tile(q_tile, rows, D, scratch.packed);
     for (index_t k0 = item.key_begin; k0 < item.key_end; k0 += KB) {
       const index_t n = std::min(KB, item.key_end - k0);
-      const Storage* stored = cache.row_pointer(seq, k0);
-      const float* keys = nullptr;
+      const float* keys = nullptr;  // [n, D] widened rows when not read in place
       if constexpr (use_bf16_kernels) {
 #if defined(__AVX512BF16__)
-        cpu_kernels::scores_bf16(tile_bf16, stored, n, D, scores_t, st_stride);
+        for_each_run(src, b, k0, n, [&](const LatentRun<Element>& run, index_t offset) {
+          cpu_kernels::scores_bf16(tile_bf16, run.rows, run.count, key_stride,
+                                   scores_t + offset * st_stride, st_stride);
+        });
 #endif
+      } else if constexpr (reads_fp32_in_place) {
+        for_each_run(src, b, k0, n, [&](const LatentRun<Element>& run, index_t offset) {
+          cpu_kernels::latent_scores(tile, run.rows, run.count, key_stride,
+                                     scores_t + offset * st_stride, st_stride);
+        });
       } else {
-        keys = widen_latent_rows(stored, n, D, scratch.keys);
+        keys = latent_rows_fp32(src, b, k0, n, D, scratch.keys);
         cpu_kernels::latent_scores(tile, keys, n, D, scores_t, st_stride);
       }
       for (index_t r = 0; r < rows; ++r) {
@@ -313,10 +340,28 @@ struct MlaImpl<C, CpuBackend> {
       if constexpr (use_bf16_kernels) {
 #if defined(__AVX512BF16__)
         cpu_kernels::pack_probabilities_bf16(scores_t, n, rows, st_stride, scratch.p_pairs);
-        cpu_kernels::pack_values_bf16(stored, n, D, V, scratch.v_pairs);
+        const auto first = src.run(b, k0, n);
+        if (first.count == n) {
+          cpu_kernels::pack_values_bf16(first.rows, n, key_stride, V, scratch.v_pairs);
+        } else {
+          std::vector<const void*>& row_at = scratch.row_pointers;
+          row_at.resize(std::size_t(n));
+          for_each_run(src, b, k0, n, [&](const LatentRun<Element>& run, index_t offset) {
+            for (index_t t = 0; t < run.count; ++t)
+              row_at[std::size_t(offset + t)] = run.rows + t * key_stride;
+          });
+          cpu_kernels::pack_values_bf16_at(
+              [&](index_t t) { return static_cast<const Element*>(row_at[std::size_t(t)]); }, n, V,
+              scratch.v_pairs);
+        }
         cpu_kernels::accumulate_bf16(scratch.p_pairs.data(), rows, (n + 1) / 2,
                                      scratch.v_pairs.data(), V, acc);
 #endif
+      } else if constexpr (reads_fp32_in_place) {
+        for_each_run(src, b, k0, n, [&](const LatentRun<Element>& run, index_t offset) {
+          cpu_kernels::latent_accumulate(scores_t + offset * st_stride, rows, run.count, st_stride,
+                                         run.rows, key_stride, V, acc);
+        });
       } else {
         cpu_kernels::latent_accumulate(scores_t, rows, n, st_stride, keys, D, V, acc);
       }
@@ -329,18 +374,18 @@ struct MlaImpl<C, CpuBackend> {
     }
   }
 
-  template <class Storage>
-  static void absorbed_attention(const CpuBackend& cpu,
-                                 const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
-                                 std::span<const index_t> seqs, HostView<const float, 4> q,
-                                 double scale, HostView<float, 4> out_latent) {
+  /// Absorbed attention over any row source (latent_rows.hpp): q [batch, q_len, n_heads,
+  /// latent_dim], out_latent [batch, q_len, n_heads, kv_lora_rank]. Rows that see no cached
+  /// token (a zero-length sequence) get zeros.
+  template <class Rows>
+  static void absorbed_rows(const CpuBackend& cpu, const Rows& src, HostView<const float, 4> q,
+                            double scale, HostView<float, 4> out_latent) {
     constexpr index_t D = S::latent_dim;
     constexpr index_t V = S::kv_lora_rank;
     const index_t q_len = q.extent(1);
     const index_t rows_per_seq = q_len * S::n_heads;
     index_t partial_slots = 0;
-    const std::vector<AbsorbedWorkItem> items =
-        plan_absorbed(cpu, cache, seqs, q_len, partial_slots);
+    const std::vector<AbsorbedWorkItem> items = plan_absorbed(cpu, src, q_len, partial_slots);
     // Split partials live in the calling thread's scratch; the workers get plain pointers
     // (naming a thread_local inside the parallel region would give each worker its own).
     AttentionScratch& caller = AttentionScratch::local();
@@ -353,15 +398,31 @@ struct MlaImpl<C, CpuBackend> {
       const float* q_seq = q.data() + item.batch_index * rows_per_seq * D;
       float* out_seq = out_latent.data() + item.batch_index * rows_per_seq * V;
       if (item.partial_slot < 0) {
-        attend_tile(cache, seqs[item.batch_index], q_len, q_seq, item, float(scale),
+        attend_tile(src, item.batch_index, q_len, q_seq, item, float(scale),
                     out_seq + item.row_begin * V, V, nullptr);
       } else {
-        attend_tile(cache, seqs[item.batch_index], q_len, q_seq, item, float(scale),
+        attend_tile(src, item.batch_index, q_len, q_seq, item, float(scale),
                     partial_out + item.partial_slot * Traits::row_tile * V, V,
                     partial_lse + item.partial_slot * Traits::row_tile);
       }
     });
     merge_splits(items, rows_per_seq, partial_out, partial_lse, out_latent.data());
+  }
+
+  template <class Storage>
+  static void absorbed_attention(const CpuBackend& cpu,
+                                 const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
+                                 std::span<const index_t> seqs, HostView<const float, 4> q,
+                                 double scale, HostView<float, 4> out_latent) {
+    absorbed_rows(cpu, ContiguousLatentRows<C, Storage>(cache, seqs), q, scale, out_latent);
+  }
+
+  template <class Storage, int BlockSize>
+  static void absorbed_attention(const CpuBackend& cpu,
+                                 const PagedLatentView<C, Storage, BlockSize, HostMemory>& cache,
+                                 HostView<const float, 4> q, double scale,
+                                 HostView<float, 4> out_latent) {
+    absorbed_rows(cpu, PagedLatentRows<C, Storage, BlockSize>(cache), q, scale, out_latent);
   }
 
   /// Combines the split ranges of each tile: o = Σ_s exp(lse_s - lse) o_s with
@@ -405,12 +466,10 @@ struct MlaImpl<C, CpuBackend> {
 
   /// Naive attention (MLA.forward with attn_impl = "naive"): per key block, up-project the
   /// latents through wkv_b into every head's [k_nope ; v] at once (one GEMM), append the shared
-  /// k_pe, and run causal multi-head attention with an online softmax per head.
-  template <class Storage>
-  static void naive_attention(const CpuBackend& cpu, const MlaWeights<C>& w,
-                              const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
-                              std::span<const index_t> seqs, HostView<const float, 4> q,
-                              double scale, HostView<float, 4> out) {
+  /// k_pe, and run causal multi-head attention with an online softmax per head. Any row source.
+  template <class Rows>
+  static void naive_rows(const CpuBackend& cpu, const MlaWeights<C>& w, const Rows& src,
+                         HostView<const float, 4> q, double scale, HostView<float, 4> out) {
     constexpr index_t H = S::n_heads;
     constexpr index_t D = S::latent_dim;
     constexpr index_t QK = S::qk_head_dim;
@@ -422,15 +481,15 @@ struct MlaImpl<C, CpuBackend> {
     std::vector<float> decompressed(std::size_t(KB) * H * KVB);
     std::vector<float> acc(std::size_t(q_len) * H * VD);
     std::vector<OnlineSoftmax> softmax(static_cast<std::size_t>(H));
-    for (index_t b = 0; b < index_t(seqs.size()); ++b) {
-      const index_t len = cache.length(seqs[b]);
+    for (index_t b = 0; b < src.batch(); ++b) {
+      const index_t len = src.length(b);
       const index_t first_query_pos = len - q_len;
       const float* q_seq = q.data() + b * q_len * H * QK;
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (auto& state : softmax) state.reset(q_len);
       for (index_t k0 = 0; k0 < len; k0 += KB) {
         const index_t n = std::min(KB, len - k0);
-        const float* block = widen_latent_rows(cache.row_pointer(seqs[b], k0), n, D, keys);
+        const float* block = latent_rows_fp32(src, b, k0, n, D, keys);
         // [n, H·(nope + v)] = c [n, kv_lora_rank] · wkv_bᵀ: every head's k_nope and v at once.
         cpu::linear(cpu, block, n, S::kv_lora_rank, D, w.wkv_b().data(), H * KVB,
                     decompressed.data());
@@ -464,11 +523,43 @@ struct MlaImpl<C, CpuBackend> {
     }
   }
 
-  /// MLA.forward for `q_len` tokens of each sequence in `seqs`, token i of sequence b at
-  /// position starts[b] + i. The front has validated every argument.
   template <class Storage>
-  static void forward(const CpuBackend& cpu, const MlaWeights<C>& w,
-                      ContiguousLatentCache<C, CpuBackend, Storage>& cache,
+  static void naive_attention(const CpuBackend& cpu, const MlaWeights<C>& w,
+                              const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
+                              std::span<const index_t> seqs, HostView<const float, 4> q,
+                              double scale, HostView<float, 4> out) {
+    naive_rows(cpu, w, ContiguousLatentRows<C, Storage>(cache, seqs), q, scale, out);
+  }
+
+  template <class Storage, int BlockSize>
+  static void naive_attention(const CpuBackend& cpu, const MlaWeights<C>& w,
+                              const PagedLatentView<C, Storage, BlockSize, HostMemory>& cache,
+                              HostView<const float, 4> q, double scale, HostView<float, 4> out) {
+    naive_rows(cpu, w, PagedLatentRows<C, Storage, BlockSize>(cache), q, scale, out);
+  }
+
+  /// Calls `body(rows)` with the row source of `seqs` in a contiguous cache.
+  template <class Storage, class Body>
+  static void with_rows(const ContiguousLatentCache<C, CpuBackend, Storage>& cache,
+                        std::span<const index_t> seqs, Body&& body) {
+    body(ContiguousLatentRows<C, Storage>(cache, seqs));
+  }
+
+  /// Calls `body(rows)` with the row source of `seqs` in a paged cache: their block table, read
+  /// from the allocator after the writes that precede the attention.
+  template <class Storage, int BlockSize, class Body>
+  static void with_rows(const PagedLatentCache<C, CpuBackend, Storage, BlockSize>& cache,
+                        std::span<const index_t> seqs, Body&& body) {
+    static thread_local BlockTable table;  // reused: a decode loop rebuilds it every step
+    const PagedLatentView<C, Storage, BlockSize> view = cache.view(seqs, table);
+    body(PagedLatentRows<C, Storage, BlockSize>(view));
+  }
+
+  /// MLA.forward for `q_len` tokens of each sequence in `seqs`, token i of sequence b at
+  /// position starts[b] + i, over a contiguous or a paged cache. The front has validated every
+  /// argument.
+  template <class Cache>
+  static void forward(const CpuBackend& cpu, const MlaWeights<C>& w, Cache& cache,
                       std::span<const index_t> seqs, std::span<const index_t> starts, index_t q_len,
                       const float* x, float* out, AttentionMode mode) {
     constexpr index_t H = S::n_heads;
@@ -503,9 +594,10 @@ struct MlaImpl<C, CpuBackend> {
         cpu::map(q_abs.data() + h * D + V, tokens, S::rope, H * D) =
             cpu::map(q.data() + h * QK + S::nope, tokens, S::rope, H * QK);
       });
-      absorbed_attention(cpu, cache, seqs,
-                         HostView<const float, 4>(q_abs.data(), {batch, q_len, H, D}), scale,
-                         HostView<float, 4>(o_lat.data(), {batch, q_len, H, V}));
+      with_rows(cache, seqs, [&](const auto& src) {
+        absorbed_rows(cpu, src, HostView<const float, 4>(q_abs.data(), {batch, q_len, H, D}), scale,
+                      HostView<float, 4>(o_lat.data(), {batch, q_len, H, V}));
+      });
       // o[h] = W_UV[h] · o_lat[h] (absorbing W_UV into the output side).
       cpu.parallel_for(H, [&](index_t h, int) {
         cpu::map(o.data() + h * VD, tokens, VD, H * VD).noalias() =
@@ -513,9 +605,10 @@ struct MlaImpl<C, CpuBackend> {
             cpu::map(w.w_uv(int(h)).data(), VD, V, V).transpose();
       });
     } else {
-      naive_attention(cpu, w, cache, seqs,
-                      HostView<const float, 4>(q.data(), {batch, q_len, H, QK}), scale,
-                      HostView<float, 4>(o.data(), {batch, q_len, H, VD}));
+      with_rows(cache, seqs, [&](const auto& src) {
+        naive_rows(cpu, w, src, HostView<const float, 4>(q.data(), {batch, q_len, H, QK}), scale,
+                   HostView<float, 4>(o.data(), {batch, q_len, H, VD}));
+      });
     }
     cpu::linear(cpu, o.data(), tokens, H * VD, w.wo().data(), S::dim, out);
   }

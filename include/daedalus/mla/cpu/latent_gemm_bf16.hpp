@@ -141,16 +141,18 @@ inline void pack_probabilities_bf16(const float* p_t, index_t n, index_t rows, i
   }
 }
 
-/// Packs the first `values` columns of n bf16 key rows as [ceil(n/2)][values] pairs over keys.
-inline void pack_values_bf16(const bfloat16* keys, index_t n, index_t key_stride, index_t values,
-                             std::vector<std::uint32_t>& packed) {
+/// Packs the first `values` columns of n bf16 key rows as [ceil(n/2)][values] pairs over keys;
+/// key row t starts at row_at(t) (rows need not be evenly spaced: pages of a paged cache).
+template <class RowAt>
+inline void pack_values_bf16_at(RowAt&& row_at, index_t n, index_t values,
+                                std::vector<std::uint32_t>& packed) {
   const index_t key_pairs = (n + 1) / 2;
   if (packed.size() < std::size_t(key_pairs * values))
     packed.resize(std::size_t(key_pairs * values));
   for (index_t t2 = 0; t2 < key_pairs; ++t2) {
-    const auto* lo = reinterpret_cast<const std::uint16_t*>(keys + 2 * t2 * key_stride);
+    const auto* lo = reinterpret_cast<const std::uint16_t*>(row_at(2 * t2));
     const bool has_hi = 2 * t2 + 1 < n;
-    const auto* hi = lo + key_stride;
+    const auto* hi = has_hi ? reinterpret_cast<const std::uint16_t*>(row_at(2 * t2 + 1)) : lo;
     std::uint32_t* dst = packed.data() + t2 * values;
     for (index_t j = 0; j < values; j += 16) {
       const __m512i vlo =
@@ -162,6 +164,13 @@ inline void pack_values_bf16(const bfloat16* keys, index_t n, index_t key_stride
       _mm512_storeu_si512(dst + j, _mm512_or_si512(vlo, _mm512_slli_epi32(vhi, 16)));
     }
   }
+}
+
+/// Packs the first `values` columns of n bf16 key rows (stride key_stride) as
+/// [ceil(n/2)][values] pairs over keys.
+inline void pack_values_bf16(const bfloat16* keys, index_t n, index_t key_stride, index_t values,
+                             std::vector<std::uint32_t>& packed) {
+  pack_values_bf16_at([&](index_t t) { return keys + t * key_stride; }, n, values, packed);
 }
 
 /// acc[rows, values] += pᵀᵀ · V with both operands packed as bf16 pairs over keys.

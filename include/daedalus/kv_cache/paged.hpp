@@ -1,0 +1,219 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "daedalus/config/concepts.hpp"
+#include "daedalus/core/backend.hpp"
+#include "daedalus/core/error.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/kv_cache/block_allocator.hpp"
+#include "daedalus/kv_cache/paged_view.hpp"
+#include "daedalus/kv_cache/storage.hpp"
+
+namespace daedalus {
+
+/// One layer's latent KV cache in fixed-size blocks, laid out as FlashMLA lays out its paged
+/// cache: a pool of [num_blocks, BlockSize, row_bytes] bytes, each row one cached token, the
+/// kv_lora_rank normed latent c then the qk_rope_head_dim rotated k_pe (576 values in DeepSeek;
+/// DeepSeek-V2 paper, section 2.1.2) in the row format of `Storage` (LatentRowFormat). Which
+/// blocks a sequence uses, and sharing between sequences, is decided by a BlockAllocator shared
+/// by every layer of the model: block id b is the same slot in each layer's pool. So the pool, a
+/// block table and the sequence lengths can be handed to a FlashMLA-style kernel as they are.
+///
+/// The methods mirror ContiguousLatentCache (length, check_write, write, append) so the MLA
+/// front treats both alike. Lengths live in the allocator: with several layers each layer writes
+/// the same positions [start_pos, start_pos + n) and every write leaves the length at
+/// start_pos + n.
+///
+/// @tparam C         an MlaConfig
+/// @tparam Backend   where the pool lives; this header provides the host (CpuBackend) storage
+/// @tparam Storage   float, bfloat16, half or Fp8E4m3Latent (see LatentRowFormat)
+/// @tparam BlockSize tokens per block (FlashMLA uses 64); must equal the allocator's block_size
+template <MlaConfig C, class Backend = CpuBackend, class Storage = float, int BlockSize = 64>
+class PagedLatentCache final : private detail::BlockPoolHook {
+  static_assert(std::same_as<typename Backend::memory_space, HostMemory>,
+                "daedalus::PagedLatentCache: no implementation for this backend is visible: "
+                "include <daedalus/cuda.cuh> in a .cu file for CudaBackend");
+  static_assert(LatentStorage<Storage>,
+                "daedalus::PagedLatentCache: Storage must be float, bfloat16, half or "
+                "Fp8E4m3Latent");
+  static_assert(BlockSize >= 1, "daedalus::PagedLatentCache: BlockSize must be at least 1");
+
+ public:
+  using config = C;
+  using backend_type = Backend;
+  using storage_type = Storage;
+  using format = LatentRowFormat<C, Storage>;
+  static constexpr int block_size = BlockSize;
+  static constexpr int latent_dim = MlaShape<C>::latent_dim;
+  static constexpr int kv_lora_rank = MlaShape<C>::kv_lora_rank;
+  static constexpr int rope_dim = MlaShape<C>::rope;
+  /// Bytes of one cached token, and of one block.
+  static constexpr std::size_t row_bytes = format::row_bytes;
+  static constexpr std::size_t block_bytes = row_bytes * std::size_t(BlockSize);
+
+  /// A pool of allocator.num_blocks() blocks, zero-filled, registered with `allocator` so that
+  /// its copy-on-write copies reach this pool. The allocator must outlive the cache.
+  /// @throws InvalidArgument when allocator.block_size() != BlockSize.
+  explicit PagedLatentCache(BlockAllocator& allocator)
+      : allocator_(&check_allocator(allocator)), pool_(allocate(allocator.num_blocks())) {
+    allocator_->register_pool(this);
+  }
+
+  PagedLatentCache(const PagedLatentCache&) = delete;
+  PagedLatentCache& operator=(const PagedLatentCache&) = delete;
+  PagedLatentCache& operator=(PagedLatentCache&&) = delete;
+  /// Moves the pool; the allocator then copies on write into the new object.
+  PagedLatentCache(PagedLatentCache&& other) noexcept
+      : BlockPoolHook(other), allocator_(other.allocator_), pool_(std::move(other.pool_)) {
+    allocator_->replace_pool(&other, this);
+    other.allocator_ = nullptr;
+  }
+  ~PagedLatentCache() {
+    if (allocator_ != nullptr) allocator_->unregister_pool(this);
+  }
+
+  [[nodiscard]] BlockAllocator& allocator() const { return *allocator_; }
+  [[nodiscard]] index_t num_blocks() const { return allocator_->num_blocks(); }
+  /// Bytes of one cached token in this pool (row_bytes).
+  static constexpr std::size_t bytes_per_token() { return row_bytes; }
+  /// Bytes the pool holds allocated.
+  [[nodiscard]] std::size_t bytes() const { return std::size_t(num_blocks()) * block_bytes; }
+
+  /// The pool, [num_blocks, BlockSize, row_bytes] bytes (FlashMLA's `k_cache` layout).
+  [[nodiscard]] const std::byte* pool_data() const { return pool_.get(); }
+  /// The pool, writable: for a caller that fills blocks with its own kernels (the interchange
+  /// with FlashMLA-style code). Rows written this way bypass the checks of `write`.
+  [[nodiscard]] std::byte* pool_data() { return pool_.get(); }
+  /// Row `slot` of block `block` (no checks: for kernels that validated their block table).
+  [[nodiscard]] const std::byte* row_pointer(std::int32_t block, index_t slot) const {
+    return pool_.get() + (std::size_t(block) * BlockSize + std::size_t(slot)) * row_bytes;
+  }
+
+  /// The view of sequences `seqs` (in that order) that FlashMLA-style kernels and
+  /// mla::absorbed_attention read: this pool, with the block table and lengths written into
+  /// `storage` (which the view points into, so it must outlive the view and not change).
+  /// @throws OutOfRange for a released or unknown sequence.
+  [[nodiscard]] PagedLatentView<C, Storage, BlockSize> view(std::span<const index_t> seqs,
+                                                            BlockTable& storage) const {
+    allocator_->block_table(seqs, storage);
+    return {pool_data(), num_blocks(),
+            HostView<const std::int32_t, 2>(storage.table.data(),
+                                            {storage.batch(), storage.max_blocks}),
+            HostView<const std::int32_t, 1>(storage.seqlens.data(), {storage.batch()})};
+  }
+
+  /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
+  [[nodiscard]] index_t length(index_t seq) const { return allocator_->length(seq); }
+
+  /// Checks what `write(seq, start_pos, rows of n)` would check, without writing: the sequence is
+  /// live, start_pos lies in [0, length(seq)], and the pool has the free blocks the write needs,
+  /// copy-on-write copies included. Messages start with `caller`.
+  /// @throws OutOfRange, InvalidArgument or CapacityError as write does.
+  void check_write(std::string_view caller, index_t seq, index_t start_pos, index_t n) const {
+    allocator_->check_write(caller, seq, start_pos, n);
+  }
+
+  /// Writes `rows` ([n, latent_dim], fp32, converted to the row format) at positions
+  /// [start_pos, start_pos + n) of sequence `seq` and sets its length to start_pos + n: rows at and
+  /// past start_pos are replaced (a chunk may be recomputed). Shared blocks the write touches are
+  /// copied first, in every layer's pool.
+  /// @throws OutOfRange for a released or unknown sequence or start_pos > length(seq);
+  ///         CapacityError when the pool lacks free blocks; InvalidArgument for a bad shape;
+  ///         NumericError for a NaN or infinite value. Nothing changes when it throws.
+  void write(index_t seq, index_t start_pos, HostView<const float, 2> rows) {
+    check_write(kWrite, seq, start_pos, rows.extent(0));
+    detail::check_extents(kWrite, "rows", rows, {rows.extent(0), latent_dim});
+    const index_t n = rows.extent(0);
+    for (index_t i = 0; i < n * latent_dim; ++i) {
+      if (!std::isfinite(rows.data()[i])) {
+        throw NumericError(detail::message(kWrite, ": 'rows' holds a non-finite value (",
+                                           rows.data()[i], ") at row ", i / latent_dim, ", column ",
+                                           i % latent_dim));
+      }
+    }
+    allocator_->prepare_write(kWrite, seq, start_pos, n);
+    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    for (index_t i = 0; i < n; ++i) {
+      const index_t pos = start_pos + i;
+      format::encode(rows.data() + i * latent_dim,
+                     mutable_row(blocks[std::size_t(pos / BlockSize)], pos % BlockSize));
+    }
+  }
+
+  /// Appends `rows` ([n, latent_dim]) after the tokens of sequence `seq`.
+  void append(index_t seq, HostView<const float, 2> rows) {
+    allocator_->check_live(kWrite, seq);
+    write(seq, length(seq), rows);
+  }
+
+  /// Reads tokens [start_pos, start_pos + n) of `seq` back as fp32 into `out` ([n, latent_dim]).
+  /// @throws OutOfRange for a released or unknown sequence or a range outside [0, length(seq));
+  ///         InvalidArgument for a bad shape.
+  void read(index_t seq, index_t start_pos, HostView<float, 2> out) const {
+    const index_t length = allocator_->length(seq);
+    const index_t n = out.extent(0);
+    detail::require<OutOfRange>(
+        start_pos >= 0 && n >= 0 && start_pos + n <= length, kRead, ": tokens [", start_pos, ", ",
+        start_pos + n, ") are not all in sequence ", seq, ", which holds ", length, " tokens");
+    detail::check_extents(kRead, "out", out, {n, latent_dim});
+    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    for (index_t i = 0; i < n; ++i) {
+      const index_t pos = start_pos + i;
+      format::decode(row_pointer(blocks[std::size_t(pos / BlockSize)], pos % BlockSize),
+                     out.data() + i * latent_dim);
+    }
+  }
+
+  /// Every token of `seq` as fp32, [length(seq) · latent_dim] row-major.
+  [[nodiscard]] std::vector<float> rows(index_t seq) const {
+    std::vector<float> out(std::size_t(length(seq)) * latent_dim);
+    read(seq, 0, HostView<float, 2>(out.data(), {length(seq), latent_dim}));
+    return out;
+  }
+
+ private:
+  static constexpr std::string_view kName = "daedalus::PagedLatentCache";
+  static constexpr std::string_view kWrite = "daedalus::PagedLatentCache::write";
+  static constexpr std::string_view kRead = "daedalus::PagedLatentCache::read";
+
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+  using Pool = std::unique_ptr<std::byte[], AlignedDelete>;
+
+  static BlockAllocator& check_allocator(BlockAllocator& allocator) {
+    detail::require<InvalidArgument>(allocator.block_size() == BlockSize, kName,
+                                     ": the allocator's block_size is ", allocator.block_size(),
+                                     "; expected ", BlockSize, " (the cache's BlockSize)");
+    return allocator;
+  }
+  static Pool allocate(index_t num_blocks) {
+    const std::size_t bytes = std::size_t(num_blocks) * block_bytes;
+    Pool pool(static_cast<std::byte*>(::operator new[](bytes, std::align_val_t{64})));
+    std::memset(pool.get(), 0, bytes);
+    return pool;
+  }
+
+  std::byte* mutable_row(std::int32_t block, index_t slot) {
+    return pool_.get() + (std::size_t(block) * BlockSize + std::size_t(slot)) * row_bytes;
+  }
+
+  void copy_block_rows(std::int32_t dst, std::int32_t src, index_t rows) override {
+    std::memcpy(mutable_row(dst, 0), row_pointer(src, 0), std::size_t(rows) * row_bytes);
+  }
+
+  BlockAllocator* allocator_;
+  Pool pool_;
+};
+
+}  // namespace daedalus

@@ -17,3 +17,8 @@
 #include "daedalus/mla/cpu/attention.hpp"
 #include "daedalus/mla/rope.hpp"
 #include "daedalus/mla/weights.hpp"
+#include "daedalus/moe/cpu/dispatch.hpp"
+#include "daedalus/moe/cpu/experts.hpp"
+#include "daedalus/moe/dispatch.hpp"
+#include "daedalus/moe/experts.hpp"
+#include "daedalus/moe/routing_plan.hpp"

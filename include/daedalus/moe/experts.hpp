@@ -99,14 +99,24 @@ class ExpertWeights {
   }
 
   /// Random weights for examples, benchmarks and tests, uniform in ±1/sqrt(in) (`nn.Linear`'s
-  /// default range); deterministic for a given seed.
+  /// default range); deterministic for a given seed. Drawn in place (V2-Lite's experts are
+  /// 2.2 GB in fp32; a detour through checkpoint-layout arrays would double that).
   static ExpertWeights random(std::uint64_t seed) {
     std::mt19937_64 rng(seed);
-    const std::size_t all = std::size_t(num_experts) * inter * dim;
-    const std::vector<float> w1 = detail::random_linear(rng, all, dim);
-    const std::vector<float> w3 = detail::random_linear(rng, all, dim);
-    const std::vector<float> w2 = detail::random_linear(rng, all, inter);
-    return from_arrays(w1, w3, w2);
+    const std::size_t per = std::size_t(inter) * std::size_t(dim);
+    ExpertWeights w;
+    w.w13_.resize(2 * per * std::size_t(num_experts));
+    w.w2_.resize(per * std::size_t(num_experts));
+    auto fill = [&](float* dst, std::size_t n, std::size_t in) {
+      std::uniform_real_distribution<float> dist(-1.0f / std::sqrt(float(in)),
+                                                 1.0f / std::sqrt(float(in)));
+      for (std::size_t i = 0; i < n; ++i) dst[i] = dist(rng);
+    };
+    for (int half = 0; half < 2; ++half)  // every w1, then every w3
+      for (int e = 0; e < num_experts; ++e)
+        fill(w.w13_.data() + (std::size_t(e) * 2 + std::size_t(half)) * per, per, dim);
+    fill(w.w2_.data(), w.w2_.size(), inter);
+    return w;
   }
 
   /// [inter, dim] expert e's w1.

@@ -25,6 +25,14 @@ struct V2LiteFewExperts : daedalus::DeepSeekV2Lite {
   static constexpr int n_routed_experts = 8;
 };
 
+/// Tiny's experts at widths that are multiples of no vector length (dim 93, moe_inter_dim 21),
+/// so every kernel's remainder handling runs.
+struct TinyOddWidths : daedalus::Tiny {
+  static constexpr const char* name = "TinyOddWidths";
+  static constexpr int dim = 93;
+  static constexpr int moe_inter_dim = 21;
+};
+
 /// One MoE layer's expert arrays in checkpoint layout, uniform in ±1/sqrt(in), and the daedalus
 /// weights built from them.
 template <class C>
@@ -151,11 +159,13 @@ TEST_CASE_TEMPLATE("expert weights keep DeepSeek's [out, in] layout", C, daedalu
 }
 
 TEST_CASE_TEMPLATE("routed experts: every kept row against the fp64 reference", C, daedalus::Tiny,
-                   dt::V2LiteFewExperts) {
+                   dt::TinyOddWidths, dt::V2LiteFewExperts) {
   const CpuBackend cpu(2);
   const dt::ExpertArrays<C> a(8200);
   const auto w = moe::ExpertWeights<C>::from_arrays(a.w1, a.w3, a.w2);
-  const int tokens = std::is_same_v<C, daedalus::Tiny> ? 45 : 9;
+  // Tiny-sized: ~11 rows per expert, some segments of at most CpuExpertTraits::small_rows (the
+  // streaming path), most above (the GEMM path); V2-Lite widths: 6-7 rows per expert.
+  const int tokens = C::dim < 100 ? 45 : 9;
   for (moe::PlanSettings settings :
        {moe::PlanSettings{}, moe::PlanSettings{.capacity_factor = 0.8, .pad_block = 8}}) {
     const RoutedRun<C> run = run_routed(cpu, w, tokens, 8201, settings);
@@ -172,25 +182,28 @@ TEST_CASE_TEMPLATE("routed experts: every kept row against the fp64 reference", 
 }
 
 TEST_CASE_TEMPLATE("shared experts: every token against the fp64 reference", C, daedalus::Tiny,
-                   dt::V2LiteFewExperts) {
+                   dt::TinyOddWidths, dt::V2LiteFewExperts) {
   const CpuBackend cpu(2);
   const dt::ExpertArrays<C> a(8300);
   const auto s = moe::SharedExpertWeights<C>::from_arrays(a.s1, a.s3, a.s2);
   constexpr index_t width = moe::SharedExpertWeights<C>::width;
-  const int tokens = 7;
-  dt::Random rng(8301);
-  const std::vector<float> x = rng.uniform(std::size_t(tokens) * C::dim);
-  std::vector<float> hidden(std::size_t(tokens) * width), out(std::size_t(tokens) * C::dim, 3.0f);
-  moe::shared_experts(cpu, s, HostView<const float, 2>(x.data(), {tokens, C::dim}),
-                      HostView<float, 2>(hidden.data(), {tokens, width}),
-                      HostView<float, 2>(out.data(), {tokens, C::dim}));
-  std::vector<double> want;
-  for (int t = 0; t < tokens; ++t) {
-    const auto y = moe_reference::swiglu(x.data() + t * C::dim, C::dim, a.shared_mlp());
-    want.insert(want.end(), y.begin(), y.end());
+  // 7 tokens take the streaming path, 23 the GEMM path (CpuExpertTraits::small_rows = 8).
+  for (int tokens : {7, 23}) {
+    CAPTURE(tokens);
+    dt::Random rng(8301);
+    const std::vector<float> x = rng.uniform(std::size_t(tokens) * C::dim);
+    std::vector<float> hidden(std::size_t(tokens) * width), out(std::size_t(tokens) * C::dim, 3.0f);
+    moe::shared_experts(cpu, s, HostView<const float, 2>(x.data(), {tokens, C::dim}),
+                        HostView<float, 2>(hidden.data(), {tokens, width}),
+                        HostView<float, 2>(out.data(), {tokens, C::dim}));
+    std::vector<double> want;
+    for (int t = 0; t < tokens; ++t) {
+      const auto y = moe_reference::swiglu(x.data() + t * C::dim, C::dim, a.shared_mlp());
+      want.insert(want.end(), y.begin(), y.end());
+    }
+    CHECK(tol::row_relative_error(out, want, C::dim) <=
+          tol::fp32_vs_reference(std::max<index_t>(C::dim, width)));
   }
-  CHECK(tol::row_relative_error(out, want, C::dim) <=
-        tol::fp32_vs_reference(std::max<index_t>(C::dim, width)));
 }
 
 TEST_CASE("routed experts: bitwise identical for 1, 2 and 3 threads") {

@@ -3,10 +3,15 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <span>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/cpu/linear.hpp"
@@ -26,9 +31,85 @@ namespace daedalus::moe {
 struct CpuExpertTraits {
   static constexpr index_t hidden_columns = 128;
   static constexpr index_t output_columns = 128;
+  /// Segments of at most this many rows (decode; most experts of a small batch) use
+  /// `small_product`, which streams each weight row once, instead of a GEMM, which would first
+  /// pack the weight slab (a second pass over it) for too few rows to pay that back.
+  static constexpr index_t small_rows = 8;
 };
 
 namespace detail {
+
+/// out[r] = w · x[r] for the `Rows` rows of x (`x_stride` apart), `depth` long: one weight row
+/// against a few token rows, the weight row loaded once per 16 floats and used for every token
+/// row (one accumulator each) while the token rows stay in L1. For segments of a few tokens,
+/// where a GEMM spends more time packing the weights than multiplying them.
+template <int Rows>
+inline void dot_rows(const float* w, index_t depth, const float* x, index_t x_stride, float* out) {
+  index_t d = 0;
+#if defined(__AVX512F__)
+  __m512 acc[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (; d + 16 <= depth; d += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + d);
+    for (int r = 0; r < Rows; ++r)
+      acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + d), acc[r]);
+  }
+  // Lanes summed as a fixed tree (GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its
+  // own header).
+  alignas(64) float lanes[16];
+  for (int r = 0; r < Rows; ++r) {
+    _mm512_store_ps(lanes, acc[r]);
+    for (int half = 8; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+    out[r] = lanes[0];
+  }
+#else
+  for (int r = 0; r < Rows; ++r) out[r] = 0.0f;
+#endif
+  for (; d < depth; ++d)
+    for (int r = 0; r < Rows; ++r) out[r] += w[d] * x[r * x_stride + d];
+}
+
+/// y[r, c] = w[c] · x[r] for c in [c0, c1) and r < rows (rows ≤ 16), then `finish(r, c, value)`.
+template <class Finish>
+inline void small_product(const float* w, index_t depth, index_t c0, index_t c1, const float* x,
+                          index_t rows, Finish&& finish) {
+  float out[8];
+  for (index_t r0 = 0; r0 < rows; r0 += 8) {
+    const index_t n = std::min<index_t>(8, rows - r0);
+    const float* xr = x + r0 * depth;
+    for (index_t c = c0; c < c1; ++c) {
+      const float* wc = w + c * depth;
+      switch (n) {
+        case 1:
+          dot_rows<1>(wc, depth, xr, depth, out);
+          break;
+        case 2:
+          dot_rows<2>(wc, depth, xr, depth, out);
+          break;
+        case 3:
+          dot_rows<3>(wc, depth, xr, depth, out);
+          break;
+        case 4:
+          dot_rows<4>(wc, depth, xr, depth, out);
+          break;
+        case 5:
+          dot_rows<5>(wc, depth, xr, depth, out);
+          break;
+        case 6:
+          dot_rows<6>(wc, depth, xr, depth, out);
+          break;
+        case 7:
+          dot_rows<7>(wc, depth, xr, depth, out);
+          break;
+        default:
+          dot_rows<8>(wc, depth, xr, depth, out);
+          break;
+      }
+      for (index_t r = 0; r < n; ++r) finish(r0 + r, c, out[r]);
+    }
+  }
+}
 
 /// One SwiGLU MLP applied to a block of rows: y = w2(silu(w1 x) ⊙ w3 x).
 struct SwigluJob {
@@ -42,6 +123,15 @@ struct SwigluJob {
 template <>
 struct ExpertsImpl<CpuBackend> {
   using Traits = CpuExpertTraits;
+
+  using ColMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+
+  /// The transpose of the row-major block `rows × cols` at `data` (rows `stride` apart), as a
+  /// writable column-major `cols × rows` matrix.
+  static auto tmap(float* data, index_t cols, index_t rows, index_t stride) {
+    return Eigen::Map<ColMatrix, Eigen::Unaligned, Eigen::OuterStride<>>(
+        data, cols, rows, Eigen::OuterStride<>(stride));
+  }
 
   /// Runs the jobs in two phases (the hidden activations of every job, then every output), each
   /// a parallel_for over (job, column block) items. Which thread runs an item never changes its
@@ -69,11 +159,26 @@ struct ExpertsImpl<CpuBackend> {
       const index_t width = job.weights.width;
       const index_t n = job.rows;
       const index_t cols = item.c1 - item.c0;
-      const auto x = map(job.x, n, dim, dim);
-      auto gate = map(job.hidden + item.c0, n, cols, width);
-      gate.noalias() = x * map(job.weights.w13 + item.c0 * dim, cols, dim, dim).transpose();
-      cpu::RowMatrix up(n, cols);
-      up.noalias() = x * map(job.weights.w13 + (width + item.c0) * dim, cols, dim, dim).transpose();
+      if (n <= Traits::small_rows) {
+        const float* w13 = job.weights.w13;
+        float* hidden = job.hidden;
+        small_product(w13, dim, item.c0, item.c1, job.x, n,
+                      [&](index_t r, index_t c, float a) { hidden[r * width + c] = a; });
+        small_product(w13 + width * dim, dim, item.c0, item.c1, job.x, n,
+                      [&](index_t r, index_t c, float b) {
+                        const float a = hidden[r * width + c];
+                        hidden[r * width + c] = a / (1.0f + std::exp(-a)) * b;
+                      });
+        return;
+      }
+      // Transposed, hiddenᵀ[c0:c1, :] = w1[c0:c1] · xᵀ: the weight slab is the GEMM's left
+      // operand, whose rows Eigen's micro-kernel vectorises, so a segment of a few dozen tokens
+      // still fills the vectors.
+      const auto xt = map(job.x, n, dim, dim).transpose();
+      auto gate = tmap(job.hidden + item.c0, cols, n, width);
+      gate.noalias() = map(job.weights.w13 + item.c0 * dim, cols, dim, dim) * xt;
+      ColMatrix up(cols, n);
+      up.noalias() = map(job.weights.w13 + (width + item.c0) * dim, cols, dim, dim) * xt;
       // silu(a) = a · σ(a) = a / (1 + e^-a) (DeepSeek `Expert.forward`: F.silu(w1(x)) * w3(x)).
       gate.array() = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();
     });
@@ -95,9 +200,15 @@ struct ExpertsImpl<CpuBackend> {
       const SwigluJob& job = jobs[std::size_t(item.job)];
       const index_t width = job.weights.width;
       const index_t cols = item.c1 - item.c0;
-      map(job.y + item.c0, job.rows, cols, dim).noalias() =
-          map(job.hidden, job.rows, width, width) *
-          map(job.weights.w2 + item.c0 * width, cols, width, width).transpose();
+      if (job.rows <= Traits::small_rows) {
+        float* y = job.y;
+        small_product(job.weights.w2, width, item.c0, item.c1, job.hidden, job.rows,
+                      [&](index_t r, index_t c, float v) { y[r * dim + c] = v; });
+        return;
+      }
+      tmap(job.y + item.c0, cols, job.rows, dim).noalias() =
+          map(job.weights.w2 + item.c0 * width, cols, width, width) *
+          map(job.hidden, job.rows, width, width).transpose();
     });
   }
 

@@ -17,6 +17,7 @@
 #include "daedalus/mla/cpu/attention.hpp"
 #include "daedalus/mla/rope.hpp"
 #include "daedalus/mla/weights.hpp"
+#include "daedalus/moe/balance.hpp"
 #include "daedalus/moe/cpu/dispatch.hpp"
 #include "daedalus/moe/cpu/experts.hpp"
 #include "daedalus/moe/cpu/gate.hpp"

@@ -233,3 +233,45 @@ TEST_CASE("MoE layer: bad input throws naming it; the output and the layer are u
   CHECK(std::equal(rows_before.begin(), rows_before.end(), layer.plan().row_slot().begin()));
   CHECK(layer.topk_ids().extent(0) == 10);
 }
+
+TEST_CASE("MoE layer: forward_and_balance records the loads and applies the sign rule") {
+  using C = daedalus::Tiny;  // sigmoid gate with a selection bias
+  const LayerFixture<C> f(9000);
+  auto layer = f.layer();
+  const CpuBackend cpu(2);
+  dt::Random rng(9001);
+  std::vector<float> x = rng.uniform(std::size_t(40) * C::dim);
+  std::vector<float> out(x.size());
+  const HostView<const float, 2> xv(x.data(), {40, C::dim});
+  const HostView<float, 2> ov(out.data(), {40, C::dim});
+  moe::LoadStats stats(C::n_routed_experts);
+  const moe::BiasBalancer balancer(C::n_routed_experts, {.update_rate = 0.001});
+  const std::vector<float> bias0(layer.gate().bias().data(),
+                                 layer.gate().bias().data() + C::n_routed_experts);
+  layer.forward_and_balance(cpu, xv, ov, stats, balancer);
+
+  // Loads: the slots of the batch routed to each expert, counted here from the ids.
+  std::vector<std::int64_t> counts(C::n_routed_experts, 0);
+  for (index_t i = 0; i < layer.topk_ids().size(); ++i) ++counts[layer.topk_ids().data()[i]];
+  CHECK(std::equal(counts.begin(), counts.end(), stats.step_counts().begin()));
+  // b_i += γ · sign(mean − c_i) (DeepSeek-V3 report, section 2.1.2).
+  const double mean = 40.0 * C::n_activated_experts / C::n_routed_experts;
+  for (int e = 0; e < C::n_routed_experts; ++e) {
+    const double sign = double(counts[e] < mean) - double(counts[e] > mean);
+    CHECK(layer.gate().bias().data()[e] == float(double(bias0[e]) + 0.001 * sign));
+  }
+
+  // A failing step (NaN input) changes neither the bias nor the statistics.
+  const std::vector<float> bias1(layer.gate().bias().data(),
+                                 layer.gate().bias().data() + C::n_routed_experts);
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(layer.forward_and_balance(cpu, xv, ov, stats, balancer), daedalus::NumericError);
+  CHECK(std::equal(bias1.begin(), bias1.end(), layer.gate().bias().data()));
+  CHECK(stats.steps() == 1);
+  const moe::BiasBalancer wrong(C::n_routed_experts + 1);
+  x[3] = 0.25f;
+  const auto msg = message_of<daedalus::InvalidArgument>(
+      [&] { layer.forward_and_balance(cpu, xv, ov, stats, wrong); });
+  CHECK(contains(msg, "'stats' and 'balancer' are for 12 and 13 experts; expected 12"));
+  CHECK(stats.steps() == 1);
+}

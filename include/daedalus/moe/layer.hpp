@@ -11,6 +11,7 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/moe/balance.hpp"
 #include "daedalus/moe/dispatch.hpp"
 #include "daedalus/moe/experts.hpp"
 #include "daedalus/moe/gate.hpp"
@@ -127,6 +128,38 @@ class MoeLayer {
     std::swap(weights_, next_weights_);
     std::swap(plan_, next_plan_);
     tokens_ = tokens;
+  }
+
+  /// A training step's forward with auxiliary-loss-free balancing (DeepSeek-V3 report, section
+  /// 2.1.2; arXiv 2408.15664, Algorithm 1): forward, then `stats` records this batch's per-expert
+  /// loads (before any capacity) and `balancer` nudges the gate's selection bias from them, so
+  /// the next batch routes with the updated bias.
+  ///
+  /// @throws what forward throws; InvalidArgument when `stats` or `balancer` is for another
+  ///         number of experts, the gate has no selection bias (GateWeights::set_has_bias), or
+  ///         the bias is unusable by the balancer's rule. Everything is checked before anything
+  ///         changes: on a throw `out`, the layer, the bias and `stats` are as they were.
+  void forward_and_balance(const Backend& backend, HostView<const float, 2> x,
+                           HostView<float, 2> out, LoadStats& stats, const BiasBalancer& balancer) {
+    constexpr std::string_view fn = "daedalus::moe::MoeLayer::forward_and_balance";
+    daedalus::detail::require<InvalidArgument>(
+        stats.num_experts() == C::n_routed_experts && balancer.num_experts() == C::n_routed_experts,
+        fn, ": 'stats' and 'balancer' are for ", stats.num_experts(), " and ",
+        balancer.num_experts(), " experts; expected ", C::n_routed_experts);
+    daedalus::detail::require<InvalidArgument>(
+        gate_.has_bias(), fn,
+        ": the gate has no selection bias to balance; expected one (GateWeights::set_has_bias)");
+    {
+      // The balancer checks the bias (finite; positive for the multiplicative rule) before it
+      // updates anything, and a step with no tokens changes nothing: a dry run on a copy
+      // surfaces any such error before the forward pass.
+      std::vector<float> copy(gate_.bias().data(), gate_.bias().data() + gate_.bias().size());
+      const std::vector<std::int64_t> no_tokens(std::size_t(C::n_routed_experts), 0);
+      balancer.update(HostView<float, 1>(copy.data(), {index_t(copy.size())}), no_tokens);
+    }
+    forward(backend, x, out);
+    stats.record_counts(plan_.routed_counts());
+    balancer.update(gate_.bias(), stats.step_counts());
   }
 
   /// [tokens, k] the experts each token of the last batch chose.

@@ -65,23 +65,24 @@ class RoutingPlan {
     constexpr std::string_view fn = "daedalus::moe::RoutingPlan::build";
     const index_t tokens = topk_ids.extent(0);
     const index_t k = topk_ids.extent(1);
-    detail::require<InvalidArgument>(k >= 1, fn, ": 'topk_ids' has extents ",
-                                     detail::format_extents<index_t>(topk_ids.extents()),
-                                     "; expected at least one column (k >= 1)");
-    detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
-    detail::check_extents(fn, "topk_weights", topk_weights, {tokens, k});
-    detail::require<InvalidArgument>(num_experts >= 1, fn, ": 'num_experts' is ", num_experts,
-                                     "; expected at least 1");
-    detail::require<InvalidArgument>(
+    daedalus::detail::require<InvalidArgument>(
+        k >= 1, fn, ": 'topk_ids' has extents ",
+        daedalus::detail::format_extents<index_t>(topk_ids.extents()),
+        "; expected at least one column (k >= 1)");
+    daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
+    daedalus::detail::check_extents(fn, "topk_weights", topk_weights, {tokens, k});
+    daedalus::detail::require<InvalidArgument>(num_experts >= 1, fn, ": 'num_experts' is ",
+                                               num_experts, "; expected at least 1");
+    daedalus::detail::require<InvalidArgument>(
         std::isfinite(settings.capacity_factor) && settings.capacity_factor >= 0.0, fn,
         ": 'capacity_factor' is ", settings.capacity_factor,
         "; expected 0 (dropless) or a positive finite number");
-    detail::require<InvalidArgument>(settings.pad_block >= 1, fn, ": 'pad_block' is ",
-                                     settings.pad_block, "; expected at least 1");
+    daedalus::detail::require<InvalidArgument>(settings.pad_block >= 1, fn, ": 'pad_block' is ",
+                                               settings.pad_block, "; expected at least 1");
     const index_t slots = tokens * k;
     // Rows are addressed with 32-bit indices (half the index traffic of 64-bit ones).
     const index_t max_rows = slots + index_t(num_experts) * (settings.pad_block - 1);
-    detail::require<InvalidArgument>(
+    daedalus::detail::require<InvalidArgument>(
         max_rows <= std::numeric_limits<std::int32_t>::max(), fn, ": a plan of ", tokens,
         " tokens × k = ", k, " with pad_block ", settings.pad_block, " may need ", max_rows,
         " rows; expected at most ", std::numeric_limits<std::int32_t>::max());
@@ -89,13 +90,14 @@ class RoutingPlan {
     const float* weights = topk_weights.data();
     for (index_t s = 0; s < slots; ++s) {
       if (ids[s] < 0 || ids[s] >= num_experts) {
-        throw OutOfRange(detail::message(fn, ": 'topk_ids' holds expert id ", ids[s], " at token ",
-                                         s / k, ", slot ", s % k, "; expected an id in [0, ",
-                                         num_experts, ")"));
+        throw OutOfRange(daedalus::detail::message(fn, ": 'topk_ids' holds expert id ", ids[s],
+                                                   " at token ", s / k, ", slot ", s % k,
+                                                   "; expected an id in [0, ", num_experts, ")"));
       }
       if (!std::isfinite(weights[s])) {
-        throw NumericError(detail::message(fn, ": 'topk_weights' holds a non-finite value (",
-                                           weights[s], ") at token ", s / k, ", slot ", s % k));
+        throw NumericError(
+            daedalus::detail::message(fn, ": 'topk_weights' holds a non-finite value (", weights[s],
+                                      ") at token ", s / k, ", slot ", s % k));
       }
     }
 

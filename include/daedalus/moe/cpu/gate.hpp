@@ -8,38 +8,60 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/cpu/linear.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/moe/cpu/gate_gemm.hpp"
 #include "daedalus/moe/gate.hpp"
 
-/// The CPU gate. Tokens are independent, so the work is split by token ranges over the backend's
-/// threads: each thread computes the logits of a chunk of its tokens with one single-threaded
-/// Eigen GEMM (x_chunk · Wᵀ) and routes them while they are still in cache. Small batches (where a
-/// GEMM per thread would read all of W once per thread) split the experts instead
-/// (daedalus::cpu::linear), then route by token ranges.
+/// The CPU gate. Tokens are independent: the batch is cut into fixed chunks (their boundaries
+/// depend on the batch size only) that the backend's threads share; each chunk's logits come
+/// from the packed GEMM of cpu/gate_gemm.hpp and are routed while they are in cache (scores,
+/// group limit, top-k). Up to kGemvMaxTokens tokens, W is read once as dot products instead.
+/// Every result is bitwise independent of the thread count.
 namespace daedalus::moe::cpu_gate {
 
 using ArrayMap = Eigen::Map<Eigen::ArrayXf>;
 using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
-
-/// Tokens per logits chunk of the fused path: 512 × 256 experts × 4 B = 512 KiB stays in a
-/// 1 MiB L2 while it is routed, and W (7 MiB for V3) is repacked once per 512 tokens (~3% of
-/// the GEMM's time).
-inline constexpr index_t kChunkTokens = 512;
-/// Below this many tokens per thread the experts are split instead of the tokens.
-inline constexpr index_t kMinTokensPerThread = 64;
+// Scores are computed on buffers aligned to Eigen's packet size: Eigen peels unaligned heads
+// with scalar code whose exp rounds differently from the vectorised one, which would make a
+// token's scores depend on where its row happens to lie in memory (and so on the thread).
+using AlignedArrayMap = Eigen::Map<Eigen::ArrayXf, Eigen::AlignedMax>;
+using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
 /// Largest k the fixed-size top-k buffer of route_scored_token holds.
 inline constexpr int kMaxTopk = 64;
 
-/// Writes the scores of one token: sigmoid or softmax of `logits`, fp32 (vectorised by Eigen).
-/// Returns false when a logit is not finite (the scores are then unspecified).
+/// Scratch one thread reuses across its tokens.
+struct TokenScratch {
+  AlignedFloats logits;     // [E]
+  AlignedFloats scores;     // [E]
+  AlignedFloats selection;  // [E]
+  std::vector<float> group_score;
+  std::vector<char> group_kept;
+  explicit TokenScratch(index_t experts, index_t groups = 1)
+      : logits(static_cast<std::size_t>(experts)),
+        scores(static_cast<std::size_t>(experts)),
+        selection(static_cast<std::size_t>(experts)),
+        group_score(static_cast<std::size_t>(groups)),
+        group_kept(static_cast<std::size_t>(groups)) {}
+  explicit TokenScratch(const GateSettings& s)
+      : TokenScratch(s.n_routed_experts, s.n_expert_groups) {}
+};
+
+/// Computes the scores of one token into scratch.scores: sigmoid or softmax of `logits`, fp32,
+/// vectorised by Eigen. Returns false when a logit is not finite (the scores are then
+/// unspecified).
 inline bool token_scores(ScoreFunc score_func, const float* logits, index_t experts,
-                         float* scores) {
-  ConstArrayMap l(logits, experts);
-  ArrayMap s(scores, experts);
+                         TokenScratch& scratch) {
+  std::copy(logits, logits + experts, scratch.logits.data());
+  AlignedArrayMap l(scratch.logits.data(), experts);
+  AlignedArrayMap s(scratch.scores.data(), experts);
   // l·0 is 0 for finite l and NaN for ±inf or NaN; Eigen's vectorised sum propagates the NaN.
   if (!std::isfinite((l * 0.0f).sum())) return false;
   if (score_func == ScoreFunc::sigmoid) {
@@ -52,18 +74,79 @@ inline bool token_scores(ScoreFunc score_func, const float* logits, index_t expe
   return true;
 }
 
-/// Scratch one thread reuses across its tokens.
-struct TokenScratch {
-  std::vector<float> scores;     // [E]
-  std::vector<float> selection;  // [E]
-  std::vector<float> group_score;
-  std::vector<char> group_kept;
-  explicit TokenScratch(const GateSettings& s)
-      : scores(std::size_t(s.n_routed_experts)),
-        selection(std::size_t(s.n_routed_experts)),
-        group_score(std::size_t(s.n_expert_groups)),
-        group_kept(std::size_t(s.n_expert_groups)) {}
-};
+/// A group's score: the max of its selection scores (no bias) or the sum of its two largest
+/// (with a bias: DeepSeek-V3's `scores.topk(2).sum()`; equal values count twice).
+inline float group_score_of(const float* v, int n, bool top2) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    __m512 m = _mm512_loadu_ps(v);
+    for (int j = 16; j < n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(v + j));
+    const float first = _mm512_reduce_max_ps(m);
+    if (!top2) return first;
+    // The second largest: the max after removing one occurrence of `first`; if `first` occurs
+    // twice or more it is the second as well.
+    int occurrences = 0;
+    __m512 rest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 f = _mm512_set1_ps(first);
+    for (int j = 0; j < n; j += 16) {
+      const __m512 x = _mm512_loadu_ps(v + j);
+      const __mmask16 eq = _mm512_cmp_ps_mask(x, f, _CMP_EQ_OQ);
+      occurrences += __builtin_popcount(unsigned(eq));
+      rest = _mm512_mask_max_ps(rest, __mmask16(~eq), rest, x);
+    }
+    return occurrences >= 2 ? first + first : first + _mm512_reduce_max_ps(rest);
+  }
+#endif
+  if (!top2 || n == 1) return *std::max_element(v, v + n);
+  float first = -std::numeric_limits<float>::infinity(), second = first;
+  for (int j = 0; j < n; ++j) {
+    const float x = v[j];
+    if (x > first) {
+      second = first;
+      first = x;
+    } else if (x > second) {
+      second = x;
+    }
+  }
+  return first + second;
+}
+
+/// The k largest selection scores of experts [e0, e1), merged into the sorted list
+/// (top_value, top_id) of `held` entries: candidates arrive in increasing id order, so one equal
+/// to a held value ranks after it (ties → lower id): insert only when strictly greater.
+inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top_value,
+                       std::int32_t* top_id, int& held) {
+  auto insert = [&](int e) {
+    const float x = selection[e];
+    if (held == k && !(x > top_value[k - 1])) return;
+    int pos = held < k ? held++ : k - 1;
+    while (pos > 0 && x > top_value[pos - 1]) {
+      top_value[pos] = top_value[pos - 1];
+      top_id[pos] = top_id[pos - 1];
+      --pos;
+    }
+    top_value[pos] = x;
+    top_id[pos] = e;
+  };
+  int e = e0;
+#if defined(__AVX512F__)
+  // Most candidates fall below the current k-th value: test 16 at a time, insert the others.
+  for (; e < e1; e += 16) {
+    const int n = std::min(16, e1 - e);
+    const __mmask16 valid = __mmask16((1u << n) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(valid, selection + e);
+    const float threshold = held == k ? top_value[k - 1] : -std::numeric_limits<float>::infinity();
+    unsigned above =
+        unsigned(_mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(threshold), _CMP_GT_OQ));
+    if (held < k) above = valid;  // every candidate enters while the list is not full
+    while (above) {
+      insert(e + __builtin_ctz(above));
+      above &= above - 1;
+    }
+  }
+#endif
+  for (; e < e1; ++e) insert(e);
+}
 
 /// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6). Writes k ids and
 /// weights.
@@ -76,7 +159,7 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   // Step 2: selection scores (the scores themselves without a bias).
   const float* selection = scores;
   if (bias != nullptr) {
-    ArrayMap sel(scratch.selection.data(), experts);
+    AlignedArrayMap sel(scratch.selection.data(), experts);
     if (settings.bias_mode == BiasMode::additive)
       sel = ConstArrayMap(scores, experts) + ConstArrayMap(bias, experts);
     else
@@ -93,23 +176,8 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   if (groups > 1 && settings.n_limited_groups < groups) {
     float* group_score = scratch.group_score.data();
     for (int g = 0; g < groups; ++g) {
-      const float* v = selection + std::size_t(g) * per_group;
-      if (bias == nullptr || per_group == 1) {
-        group_score[g] = *std::max_element(v, v + per_group);  // first max: lower id on ties
-      } else {
-        // Sum of the two largest (DeepSeek-V3: scores.topk(2).sum()).
-        float first = -std::numeric_limits<float>::infinity(), second = first;
-        for (int j = 0; j < per_group; ++j) {
-          const float x = v[j];
-          if (x > first) {
-            second = first;
-            first = x;
-          } else if (x > second) {
-            second = x;
-          }
-        }
-        group_score[g] = first + second;
-      }
+      group_score[g] =
+          group_score_of(selection + std::size_t(g) * per_group, per_group, bias != nullptr);
       kept[g] = 0;
     }
     // The n_limited_groups best groups; ties → lower group id (strict > keeps the earlier).
@@ -124,26 +192,19 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
     std::fill(kept, kept + groups, char(1));
   }
 
-  // Step 4: top-k by (selection desc, id asc). Candidates arrive in increasing id order, so a
-  // candidate equal to a held value ranks after it: insert only when strictly greater.
+  // Step 4: top-k by (selection desc, id asc), over the kept groups in increasing id order.
   float top_value[kMaxTopk];
   std::int32_t top_id[kMaxTopk];
   int held = 0;
-  for (int g = 0; g < groups; ++g) {
-    if (!kept[g]) continue;
-    const int e_end = (g + 1) * per_group;
-    for (int e = g * per_group; e < e_end; ++e) {
-      const float x = selection[e];
-      if (held == k && !(x > top_value[k - 1])) continue;
-      int pos = held < k ? held++ : k - 1;
-      while (pos > 0 && x > top_value[pos - 1]) {
-        top_value[pos] = top_value[pos - 1];
-        top_id[pos] = top_id[pos - 1];
-        --pos;
-      }
-      top_value[pos] = x;
-      top_id[pos] = e;
+  for (int g = 0; g < groups;) {
+    if (!kept[g]) {
+      ++g;
+      continue;
     }
+    int g_end = g + 1;  // merge runs of kept groups into one range
+    while (g_end < groups && kept[g_end]) ++g_end;
+    top_k_scan(selection, g * per_group, g_end * per_group, k, top_value, top_id, held);
+    g = g_end;
   }
 
   // Steps 5-6: weights are the unbiased scores, normalised if configured, times route_scale.
@@ -159,19 +220,21 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   }
 }
 
-/// Collects the first failing token of each thread's range; after the parallel region the
-/// lowest one is reported, so the error names the same token whatever the thread count.
+/// Collects the lowest failing token of each thread; after the parallel region the lowest of
+/// all is reported, so the error names the same token whatever the thread count.
 struct FirstFailure {
   std::vector<index_t> token;  // per team; -1: none
   std::vector<index_t> column;
   explicit FirstFailure(int teams)
-      : token(std::size_t(teams), -1), column(std::size_t(teams), -1) {}
+      : token(static_cast<std::size_t>(teams), -1), column(static_cast<std::size_t>(teams), -1) {}
   void record(int team, index_t t, index_t c) {
-    if (token[std::size_t(team)] < 0) {
-      token[std::size_t(team)] = t;
-      column[std::size_t(team)] = c;
+    const std::size_t i = std::size_t(team);
+    if (token[i] < 0 || t < token[i]) {
+      token[i] = t;
+      column[i] = c;
     }
   }
+  [[nodiscard]] bool any(int team) const { return token[std::size_t(team)] >= 0; }
   /// Throws NumericError naming the lowest failing token, if any.
   void throw_if_any(std::string_view fn) const {
     index_t worst = -1;
@@ -193,21 +256,36 @@ inline index_t first_non_finite(const float* row, index_t n) {
   return -1;
 }
 
-/// Routes tokens [t0, t1) of `logits` into ids/weights (row stride k), recording a failure.
-inline void route_rows(const GateSettings& settings, const float* logits, const float* bias,
-                       index_t t0, index_t t1, index_t logits_row0, TokenScratch& scratch,
-                       std::int32_t* ids, float* weights, FirstFailure& failure, int team) {
+/// Routes tokens [t0, t1) whose logits are rows of `logits` (row stride logits_stride, row 0 =
+/// token logits_row0) into ids/weights (row stride k), recording a failure.
+inline void route_rows(const GateSettings& settings, const float* logits, index_t logits_stride,
+                       const float* bias, index_t t0, index_t t1, index_t logits_row0,
+                       TokenScratch& scratch, std::int32_t* ids, float* weights,
+                       FirstFailure& failure, int team) {
   const index_t experts = settings.n_routed_experts;
   const index_t k = settings.topk;
   for (index_t t = t0; t < t1; ++t) {
-    const float* row = logits + (t - logits_row0) * experts;
-    if (!token_scores(settings.score_func, row, experts, scratch.scores.data())) {
+    const float* row = logits + (t - logits_row0) * logits_stride;
+    if (!token_scores(settings.score_func, row, experts, scratch)) {
       failure.record(team, t, first_non_finite(row, experts));
-      return;  // this range stops at its first failure; lower ranges report lower tokens
+      return;  // a range stops at its first failure; the lowest failing token is reported
     }
     route_scored_token(settings, bias, scratch, ids + t * k, weights + t * k);
   }
 }
+
+/// Tokens per chunk of the fused path, a function of the batch only (never of the thread
+/// count): 192 for large batches (the x depth block, 192 × 512 × 4 B = 384 KiB, and a 128 KiB
+/// panel block share the 1 MiB L2), down to 6 so that small batches still spread over threads.
+inline index_t chunk_tokens(index_t tokens) {
+  const index_t wanted = (tokens + 15) / 16;
+  const index_t rounded = (wanted + kTileRows - 1) / kTileRows * kTileRows;
+  return std::clamp<index_t>(rounded, kTileRows, 192);
+}
+
+/// At most this many tokens: the logits are dot products of each W row with every token (W is
+/// read once, x stays in L1), split over fixed blocks of experts.
+inline constexpr index_t kGemvMaxTokens = 4;
 
 }  // namespace daedalus::moe::cpu_gate
 
@@ -229,8 +307,8 @@ struct GateImpl<CpuBackend> {
     cpu_gate::FirstFailure failure(cpu.num_threads());
     cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
       cpu_gate::TokenScratch scratch(settings);
-      cpu_gate::route_rows(settings, logits.data(), b, t0, t1, 0, scratch, ids.data(),
-                           weights.data(), failure, team);
+      cpu_gate::route_rows(settings, logits.data(), settings.n_routed_experts, b, t0, t1, 0,
+                           scratch, ids.data(), weights.data(), failure, team);
     });
     failure.throw_if_any(fn);
     std::copy(ids.begin(), ids.end(), topk_ids.data());
@@ -252,30 +330,43 @@ struct GateImpl<CpuBackend> {
     const float* b = bias.extent(0) ? bias.data() : nullptr;
     cpu_gate::FirstFailure failure(cpu.num_threads());
 
-    if (tokens < cpu_gate::kMinTokensPerThread * cpu.num_threads()) {
-      // Few tokens: a GEMV-like product bound by reading W; split the experts so W is read
-      // once in all, then route by tokens.
+    if (tokens <= cpu_gate::kGemvMaxTokens) {
+      // A few tokens: bound by reading W. Fixed blocks of 16 experts over the threads, each W
+      // row dotted with every token (Eigen's dot: a fixed order for a given length).
       std::vector<float> logits(std::size_t(tokens * experts));
-      daedalus::cpu::linear(cpu, x.data(), tokens, dim, weight.data(), experts, logits.data());
-      cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
-        cpu_gate::TokenScratch scratch(settings);
-        cpu_gate::route_rows(settings, logits.data(), b, t0, t1, 0, scratch, ids.data(),
-                             weights.data(), failure, team);
-      });
-    } else {
-      cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
-        cpu_gate::TokenScratch scratch(settings);
-        std::vector<float> logits(
-            std::size_t(std::min<index_t>(cpu_gate::kChunkTokens, t1 - t0) * experts));
-        const auto w = daedalus::cpu::map(weight.data(), experts, dim, dim);
-        for (index_t c0 = t0; c0 < t1; c0 += cpu_gate::kChunkTokens) {
-          const index_t n = std::min<index_t>(cpu_gate::kChunkTokens, t1 - c0);
-          daedalus::cpu::map(logits.data(), n, experts, experts).noalias() =
-              daedalus::cpu::map(x.data() + c0 * dim, n, dim, dim) * w.transpose();
-          cpu_gate::route_rows(settings, logits.data(), b, c0, c0 + n, c0, scratch, ids.data(),
-                               weights.data(), failure, team);
-          if (failure.token[std::size_t(team)] >= 0) return;
+      const index_t blocks = (experts + 15) / 16;
+      cpu.parallel_for(blocks, [&](std::int64_t block, int) {
+        for (index_t e = block * 16; e < std::min(experts, (block + 1) * 16); ++e) {
+          const Eigen::Map<const Eigen::VectorXf> w(weight.data() + e * dim, dim);
+          for (index_t t = 0; t < tokens; ++t)
+            logits[std::size_t(t * experts + e)] =
+                Eigen::Map<const Eigen::VectorXf>(x.data() + t * dim, dim).dot(w);
         }
+      });
+      cpu_gate::TokenScratch scratch(settings);
+      cpu_gate::route_rows(settings, logits.data(), experts, b, 0, tokens, 0, scratch, ids.data(),
+                           weights.data(), failure, 0);
+    } else {
+      // Fixed token chunks (boundaries depend on the batch only) shared dynamically by the
+      // threads; each chunk's logits are routed while they are in cache.
+      const index_t chunk = cpu_gate::chunk_tokens(tokens);
+      const index_t chunks = (tokens + chunk - 1) / chunk;
+      const index_t stride = cpu_gate::padded_experts(experts);
+      std::vector<float> packed;
+      if constexpr (cpu_gate::has_avx512_gate_kernel) {
+        cpu_gate::pack_gate_weight(cpu, weight.data(), experts, dim, packed);
+      }
+      std::vector<std::vector<float>> logits(std::size_t(cpu.num_threads()));
+      std::vector<cpu_gate::TokenScratch> scratch(std::size_t(cpu.num_threads()),
+                                                  cpu_gate::TokenScratch(settings));
+      cpu.parallel_for(chunks, [&](std::int64_t c, int team) {
+        const index_t c0 = c * chunk, n = std::min(chunk, tokens - c0);
+        std::vector<float>& l = logits[std::size_t(team)];
+        if (l.size() < std::size_t(chunk * stride)) l.resize(std::size_t(chunk * stride));
+        compute_chunk_logits(x.data() + c0 * dim, n, dim, weight.data(), packed.data(), experts,
+                             l.data(), stride);
+        cpu_gate::route_rows(settings, l.data(), stride, b, c0, c0 + n, c0,
+                             scratch[std::size_t(team)], ids.data(), weights.data(), failure, team);
       });
     }
     failure.throw_if_any(fn);
@@ -293,12 +384,14 @@ struct GateImpl<CpuBackend> {
     std::vector<float> out(std::size_t(tokens * experts));
     cpu_gate::FirstFailure failure(cpu.num_threads());
     cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
+      cpu_gate::TokenScratch scratch(experts);
       for (index_t t = t0; t < t1; ++t) {
         const float* row = logits.data() + t * experts;
-        if (!cpu_gate::token_scores(score_func, row, experts, out.data() + t * experts)) {
+        if (!cpu_gate::token_scores(score_func, row, experts, scratch)) {
           failure.record(team, t, cpu_gate::first_non_finite(row, experts));
           return;
         }
+        std::copy(scratch.scores.begin(), scratch.scores.end(), out.begin() + t * experts);
       }
     });
     failure.throw_if_any(fn);
@@ -306,6 +399,19 @@ struct GateImpl<CpuBackend> {
   }
 
  private:
+  /// logits [n, stride] of one chunk, on the packed AVX-512 kernel or Eigen's GEMM.
+  static void compute_chunk_logits(const float* x, index_t n, index_t dim, const float* w,
+                                   [[maybe_unused]] const float* packed, index_t experts,
+                                   float* logits, index_t stride) {
+#if defined(__AVX512F__)
+    (void)w;
+    cpu_gate::chunk_logits(x, n, dim, packed, experts, logits, stride);
+#else
+    daedalus::cpu::map(logits, n, experts, stride).noalias() =
+        daedalus::cpu::map(x, n, dim, dim) * daedalus::cpu::map(w, experts, dim, dim).transpose();
+#endif
+  }
+
   static void check_topk_limit(std::string_view fn, const GateSettings& settings) {
     daedalus::detail::require<InvalidArgument>(
         settings.topk <= cpu_gate::kMaxTopk, fn, ": 'topk' is ", settings.topk,

@@ -129,8 +129,6 @@ TEST_CASE("the gate rejects mismatched shapes, bad settings and a bad bias") {
   CHECK(contains(message_of<daedalus::InvalidArgument>([&] { route_logits(s, 255, 8, {}); }),
                  "'logits' has extents [4,255]; expected [4,256]"));
   CHECK(contains(message_of<daedalus::InvalidArgument>([&] {
-                   route_logits(s, 256, 8, gate.bias());
-                 }) + message_of<daedalus::InvalidArgument>([&] {
                    route_logits(s, 256, 8, HostView<const float, 1>(gate.bias().data(), {255}));
                  }),
                  "'bias' has extents [255]; expected [256]"));

@@ -187,8 +187,9 @@ TEST_CASE_TEMPLATE("shared experts: every token against the fp64 reference", C, 
   const dt::ExpertArrays<C> a(8300);
   const auto s = moe::SharedExpertWeights<C>::from_arrays(a.s1, a.s3, a.s2);
   constexpr index_t width = moe::SharedExpertWeights<C>::width;
-  // 7 tokens take the streaming path, 23 the GEMM path (CpuExpertTraits::small_rows = 8).
-  for (int tokens : {7, 23}) {
+  // 1 token is a GEMV, 7 take the streaming path, 23 the GEMM path (CpuExpertTraits::small_rows =
+  // 8).
+  for (int tokens : {1, 7, 23}) {
     CAPTURE(tokens);
     dt::Random rng(8301);
     const std::vector<float> x = rng.uniform(std::size_t(tokens) * C::dim);

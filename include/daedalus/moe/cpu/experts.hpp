@@ -31,82 +31,109 @@ namespace daedalus::moe {
 struct CpuExpertTraits {
   static constexpr index_t hidden_columns = 128;
   static constexpr index_t output_columns = 128;
-  /// Segments of at most this many rows (decode; most experts of a small batch) use
-  /// `small_product`, which streams each weight row once, instead of a GEMM, which would first
-  /// pack the weight slab (a second pass over it) for too few rows to pay that back.
+  /// Segments of 2 to this many rows (most experts of a small batch) use `small_product`, which
+  /// streams each weight row once, instead of a GEMM, which would first pack the weight slab (a
+  /// second pass over it) for too few rows to pay that back. One row is Eigen's GEMV.
   static constexpr index_t small_rows = 8;
 };
 
 namespace detail {
 
-/// out[r] = w · x[r] for the `Rows` rows of x (`x_stride` apart), `depth` long: one weight row
-/// against a few token rows, the weight row loaded once per 16 floats and used for every token
-/// row (one accumulator each) while the token rows stay in L1. For segments of a few tokens,
-/// where a GEMM spends more time packing the weights than multiplying them.
-template <int Rows>
-inline void dot_rows(const float* w, index_t depth, const float* x, index_t x_stride, float* out) {
+/// Sums the 16 lanes of `v` as a fixed tree (GCC 12's _mm512_reduce_add_ps trips
+/// -Wuninitialized in its own header).
+#if defined(__AVX512F__)
+inline float sum_lanes(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int half = 8; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return lanes[0];
+}
+#endif
+
+/// out[c][r] = w[c] · x[r] for `Cols` (1 or 2) weight rows `w_stride` apart and the `Rows` rows
+/// of x (`x_stride` apart), `depth` long: each weight vector is loaded once per 16 floats and
+/// used for every token row, each token vector once for every weight row, with one accumulator
+/// per pair, while the token rows stay in L1. For segments of a few tokens, where a GEMM spends
+/// more time packing the weights than multiplying them.
+template <int Cols, int Rows>
+inline void dot_block(const float* w, index_t w_stride, index_t depth, const float* x,
+                      index_t x_stride, float (*out)[8]) {
   index_t d = 0;
 #if defined(__AVX512F__)
-  __m512 acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[Cols][Rows];
+  for (int c = 0; c < Cols; ++c)
+    for (int r = 0; r < Rows; ++r) acc[c][r] = _mm512_setzero_ps();
   for (; d + 16 <= depth; d += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + d);
-    for (int r = 0; r < Rows; ++r)
-      acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + d), acc[r]);
+    __m512 wv[Cols];
+    for (int c = 0; c < Cols; ++c) wv[c] = _mm512_loadu_ps(w + c * w_stride + d);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + d);
+      for (int c = 0; c < Cols; ++c) acc[c][r] = _mm512_fmadd_ps(wv[c], xv, acc[c][r]);
+    }
   }
-  // Lanes summed as a fixed tree (GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its
-  // own header).
-  alignas(64) float lanes[16];
-  for (int r = 0; r < Rows; ++r) {
-    _mm512_store_ps(lanes, acc[r]);
-    for (int half = 8; half >= 1; half /= 2)
-      for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
-    out[r] = lanes[0];
-  }
+  for (int c = 0; c < Cols; ++c)
+    for (int r = 0; r < Rows; ++r) out[c][r] = sum_lanes(acc[c][r]);
 #else
-  for (int r = 0; r < Rows; ++r) out[r] = 0.0f;
+  for (int c = 0; c < Cols; ++c)
+    for (int r = 0; r < Rows; ++r) out[c][r] = 0.0f;
 #endif
   for (; d < depth; ++d)
-    for (int r = 0; r < Rows; ++r) out[r] += w[d] * x[r * x_stride + d];
+    for (int c = 0; c < Cols; ++c)
+      for (int r = 0; r < Rows; ++r) out[c][r] += w[c * w_stride + d] * x[r * x_stride + d];
 }
 
-/// y[r, c] = w[c] · x[r] for c in [c0, c1) and r < rows (rows ≤ 16), then `finish(r, c, value)`.
+template <int Cols>
+inline void dot_block_rows(index_t rows, const float* w, index_t depth, const float* x,
+                           float (*out)[8]) {
+  switch (rows) {
+    case 1:
+      dot_block<Cols, 1>(w, depth, depth, x, depth, out);
+      break;
+    case 2:
+      dot_block<Cols, 2>(w, depth, depth, x, depth, out);
+      break;
+    case 3:
+      dot_block<Cols, 3>(w, depth, depth, x, depth, out);
+      break;
+    case 4:
+      dot_block<Cols, 4>(w, depth, depth, x, depth, out);
+      break;
+    case 5:
+      dot_block<Cols, 5>(w, depth, depth, x, depth, out);
+      break;
+    case 6:
+      dot_block<Cols, 6>(w, depth, depth, x, depth, out);
+      break;
+    case 7:
+      dot_block<Cols, 7>(w, depth, depth, x, depth, out);
+      break;
+    default:
+      dot_block<Cols, 8>(w, depth, depth, x, depth, out);
+      break;
+  }
+}
+
+/// y[r, c] = w[c] · x[r] for c in [c0, c1) and every row r of x, then `finish(r, c, value)`;
+/// x and w packed with `depth` columns. Token rows are taken 8 at a time, weight rows 2 at a time.
 template <class Finish>
 inline void small_product(const float* w, index_t depth, index_t c0, index_t c1, const float* x,
                           index_t rows, Finish&& finish) {
-  float out[8];
+  float out[2][8];
   for (index_t r0 = 0; r0 < rows; r0 += 8) {
     const index_t n = std::min<index_t>(8, rows - r0);
     const float* xr = x + r0 * depth;
-    for (index_t c = c0; c < c1; ++c) {
-      const float* wc = w + c * depth;
-      switch (n) {
-        case 1:
-          dot_rows<1>(wc, depth, xr, depth, out);
-          break;
-        case 2:
-          dot_rows<2>(wc, depth, xr, depth, out);
-          break;
-        case 3:
-          dot_rows<3>(wc, depth, xr, depth, out);
-          break;
-        case 4:
-          dot_rows<4>(wc, depth, xr, depth, out);
-          break;
-        case 5:
-          dot_rows<5>(wc, depth, xr, depth, out);
-          break;
-        case 6:
-          dot_rows<6>(wc, depth, xr, depth, out);
-          break;
-        case 7:
-          dot_rows<7>(wc, depth, xr, depth, out);
-          break;
-        default:
-          dot_rows<8>(wc, depth, xr, depth, out);
-          break;
+    index_t c = c0;
+    for (; c + 2 <= c1; c += 2) {
+      dot_block_rows<2>(n, w + c * depth, depth, xr, out);
+      for (index_t r = 0; r < n; ++r) {
+        finish(r0 + r, c, out[0][r]);
+        finish(r0 + r, c + 1, out[1][r]);
       }
-      for (index_t r = 0; r < n; ++r) finish(r0 + r, c, out[r]);
+    }
+    if (c < c1) {
+      dot_block_rows<1>(n, w + c * depth, depth, xr, out);
+      for (index_t r = 0; r < n; ++r) finish(r0 + r, c, out[0][r]);
     }
   }
 }
@@ -159,7 +186,7 @@ struct ExpertsImpl<CpuBackend> {
       const index_t width = job.weights.width;
       const index_t n = job.rows;
       const index_t cols = item.c1 - item.c0;
-      if (n <= Traits::small_rows) {
+      if (n > 1 && n <= Traits::small_rows) {
         const float* w13 = job.weights.w13;
         float* hidden = job.hidden;
         small_product(w13, dim, item.c0, item.c1, job.x, n,
@@ -200,7 +227,7 @@ struct ExpertsImpl<CpuBackend> {
       const SwigluJob& job = jobs[std::size_t(item.job)];
       const index_t width = job.weights.width;
       const index_t cols = item.c1 - item.c0;
-      if (job.rows <= Traits::small_rows) {
+      if (job.rows > 1 && job.rows <= Traits::small_rows) {
         float* y = job.y;
         small_product(job.weights.w2, width, item.c0, item.c1, job.hidden, job.rows,
                       [&](index_t r, index_t c, float v) { y[r * dim + c] = v; });

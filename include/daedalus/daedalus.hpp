@@ -21,7 +21,6 @@
 #include "daedalus/moe/cpu/dispatch.hpp"
 #include "daedalus/moe/cpu/experts.hpp"
 #include "daedalus/moe/cpu/gate.hpp"
-#include "daedalus/moe/cpu/layer.hpp"
 #include "daedalus/moe/dispatch.hpp"
 #include "daedalus/moe/experts.hpp"
 #include "daedalus/moe/gate.hpp"

@@ -23,22 +23,6 @@
 /// (one grouped GEMM) → shared experts → combine (accumulating onto the shared output).
 namespace daedalus::moe {
 
-namespace detail {
-
-template <class...>
-inline constexpr bool layer_dependent_false = false;
-
-/// The backend's parts of the layer (`moe/cpu/layer.hpp`): the gate's logits product, computed
-/// so that each token's logits do not depend on the thread count.
-template <class Backend>
-struct LayerImpl {
-  static_assert(layer_dependent_false<Backend>,
-                "daedalus::moe::MoeLayer: no layer implementation for this backend is visible: "
-                "include <daedalus/daedalus.hpp> for CpuBackend");
-};
-
-}  // namespace detail
-
 /// A whole MoE layer of config `C` on `Backend`: the gate, the routed and shared experts, the
 /// plan settings, and the workspaces a forward pass reuses from call to call (so a layer is not
 /// for concurrent use; give each thread its own or serialise calls).
@@ -99,12 +83,9 @@ class MoeLayer {
     next_weights_.resize(std::size_t(tokens * k));
     const HostView<std::int32_t, 2> ids(next_ids_.data(), {tokens, k});
     const HostView<float, 2> weights(next_weights_.data(), {tokens, k});
-    // The gate: logits, then moe::route_logits (the same routing as moe::route).
-    next_logits_.resize(std::size_t(tokens * C::n_routed_experts));
-    const HostView<float, 2> logits(next_logits_.data(), {tokens, index_t(C::n_routed_experts)});
-    detail::LayerImpl<Backend>::gate_logits(backend, gate_.weight(), x, logits);
-    route_logits(backend, gate_settings_, HostView<const float, 2>(logits), gate_.bias(), ids,
-                 weights);
+    // moe::route computes each token's logits in chunks whose boundaries do not depend on the
+    // thread count, so the experts chosen and their weights do not either.
+    route(backend, gate_, x, ids, weights, gate_settings_);
     next_plan_.build(ids, weights, C::n_routed_experts, plan_settings_);
 
     const index_t rows = next_plan_.rows();
@@ -200,7 +181,7 @@ class MoeLayer {
   GateSettings gate_settings_;
   index_t tokens_ = 0;
   std::vector<std::int32_t> ids_, next_ids_;
-  std::vector<float> weights_, next_weights_, next_logits_;
+  std::vector<float> weights_, next_weights_;
   RoutingPlan plan_, next_plan_;
   std::vector<float> expert_in_, hidden_, expert_out_, shared_hidden_;
 };

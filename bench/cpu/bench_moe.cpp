@@ -34,10 +34,7 @@
 #include <vector>
 
 #include "daedalus/daedalus.hpp"
-
-#if __has_include("moe_gate_benchmarks.hpp")
 #include "moe_gate_benchmarks.hpp"
-#endif
 
 namespace moe_bench {
 

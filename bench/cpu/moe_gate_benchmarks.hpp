@@ -57,7 +57,7 @@ void BM_gate(benchmark::State& state) {
   const int k = C::n_activated_experts;
   std::vector<std::int32_t> ids(std::size_t(tokens) * k);
   std::vector<float> weights(ids.size());
-  const CpuBackend cpu;
+  const CpuBackend cpu = state.range(1) > 0 ? CpuBackend(int(state.range(1))) : CpuBackend();
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     moe::route(cpu, gate, HostView<const float, 2>(x.data(), {tokens, C::dim}),
@@ -84,7 +84,7 @@ void BM_gate_routing(benchmark::State& state) {
   const int k = C::n_activated_experts;
   std::vector<std::int32_t> ids(std::size_t(tokens) * k);
   std::vector<float> weights(ids.size());
-  const CpuBackend cpu;
+  const CpuBackend cpu = state.range(1) > 0 ? CpuBackend(int(state.range(1))) : CpuBackend();
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     moe::route_logits(cpu, settings,
@@ -100,32 +100,36 @@ void BM_gate_routing(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * tokens);
 }
 
+// threads: 0 = the default backend (every thread OpenMP reports); 1 = one thread, whose CPU
+// time column is the single-core cost even on a busy machine.
 BENCHMARK_TEMPLATE(BM_gate, DeepSeekV3)
-    ->ArgName("tokens")
-    ->Arg(1)
-    ->Arg(64)
-    ->Arg(4096)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_gate_routing, DeepSeekV3)
-    ->ArgName("tokens")
-    ->Arg(1)
-    ->Arg(64)
-    ->Arg(4096)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gate, Tiny)
-    ->ArgName("tokens")
-    ->Arg(1)
-    ->Arg(64)
-    ->Arg(4096)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gate_routing, Tiny)
-    ->ArgName("tokens")
-    ->Arg(1)
-    ->Arg(64)
-    ->Arg(4096)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -283,6 +283,14 @@ inline index_t chunk_tokens(index_t tokens) {
   return std::clamp<index_t>(rounded, kTileRows, 192);
 }
 
+/// A backend with at most as many threads as the work keeps busy: `work` units, at least
+/// `min_per_thread` each. An OpenMP team on tiny work costs more in wake-ups and barriers than
+/// it saves, and far more when another process holds a core (bench/RESULTS.md, "Small work").
+inline CpuBackend team_for(const CpuBackend& cpu, double work, double min_per_thread) {
+  const double useful = std::max(1.0, work / min_per_thread);
+  return CpuBackend(int(std::min<double>(cpu.num_threads(), useful)));
+}
+
 /// At most this many tokens: the logits are dot products of each W row with every token (W is
 /// read once, x stays in L1), split over fixed blocks of experts.
 inline constexpr index_t kGemvMaxTokens = 4;
@@ -304,8 +312,11 @@ struct GateImpl<CpuBackend> {
     std::vector<std::int32_t> ids(std::size_t(tokens * k));
     std::vector<float> weights(std::size_t(tokens * k));
     const float* b = bias.extent(0) ? bias.data() : nullptr;
-    cpu_gate::FirstFailure failure(cpu.num_threads());
-    cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
+    // ~16 experts' routing work per microsecond: at least 64 tokens of V3 per thread.
+    const CpuBackend team_cpu =
+        cpu_gate::team_for(cpu, double(tokens) * settings.n_routed_experts, 16384.0);
+    cpu_gate::FirstFailure failure(team_cpu.num_threads());
+    team_cpu.parallel_ranges(tokens, [&](std::int64_t t0, std::int64_t t1, int team) {
       cpu_gate::TokenScratch scratch(settings);
       cpu_gate::route_rows(settings, logits.data(), settings.n_routed_experts, b, t0, t1, 0,
                            scratch, ids.data(), weights.data(), failure, team);
@@ -328,14 +339,17 @@ struct GateImpl<CpuBackend> {
     std::vector<std::int32_t> ids(std::size_t(tokens * k));
     std::vector<float> weights(std::size_t(tokens * k));
     const float* b = bias.extent(0) ? bias.data() : nullptr;
-    cpu_gate::FirstFailure failure(cpu.num_threads());
+    // At least 2^21 multiply-adds (~20 µs) per thread.
+    const CpuBackend team_cpu =
+        cpu_gate::team_for(cpu, double(tokens) * double(dim) * double(experts), 2097152.0);
+    cpu_gate::FirstFailure failure(team_cpu.num_threads());
 
     if (tokens <= cpu_gate::kGemvMaxTokens) {
       // A few tokens: bound by reading W. Fixed blocks of 16 experts over the threads, each W
       // row dotted with every token (Eigen's dot: a fixed order for a given length).
       std::vector<float> logits(std::size_t(tokens * experts));
       const index_t blocks = (experts + 15) / 16;
-      cpu.parallel_for(blocks, [&](std::int64_t block, int) {
+      team_cpu.parallel_for(blocks, [&](std::int64_t block, int) {
         for (index_t e = block * 16; e < std::min(experts, (block + 1) * 16); ++e) {
           const Eigen::Map<const Eigen::VectorXf> w(weight.data() + e * dim, dim);
           for (index_t t = 0; t < tokens; ++t)
@@ -354,12 +368,12 @@ struct GateImpl<CpuBackend> {
       const index_t stride = cpu_gate::padded_experts(experts);
       std::vector<float> packed;
       if constexpr (cpu_gate::has_avx512_gate_kernel) {
-        cpu_gate::pack_gate_weight(cpu, weight.data(), experts, dim, packed);
+        cpu_gate::pack_gate_weight(team_cpu, weight.data(), experts, dim, packed);
       }
-      std::vector<std::vector<float>> logits(std::size_t(cpu.num_threads()));
-      std::vector<cpu_gate::TokenScratch> scratch(std::size_t(cpu.num_threads()),
+      std::vector<std::vector<float>> logits(std::size_t(team_cpu.num_threads()));
+      std::vector<cpu_gate::TokenScratch> scratch(std::size_t(team_cpu.num_threads()),
                                                   cpu_gate::TokenScratch(settings));
-      cpu.parallel_for(chunks, [&](std::int64_t c, int team) {
+      team_cpu.parallel_for(chunks, [&](std::int64_t c, int team) {
         const index_t c0 = c * chunk, n = std::min(chunk, tokens - c0);
         std::vector<float>& l = logits[std::size_t(team)];
         if (l.size() < std::size_t(chunk * stride)) l.resize(std::size_t(chunk * stride));

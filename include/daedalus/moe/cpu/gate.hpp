@@ -36,6 +36,8 @@ using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
 /// Largest k the fixed-size top-k buffer of route_scored_token holds.
 inline constexpr int kMaxTopk = 64;
+/// Largest n_expert_groups the fixed-size range buffer of route_scored_token holds.
+inline constexpr int kMaxGroups = 256;
 
 /// Scratch one thread reuses across its tokens.
 struct TokenScratch {
@@ -44,12 +46,16 @@ struct TokenScratch {
   AlignedFloats selection;  // [E]
   std::vector<float> group_score;
   std::vector<char> group_kept;
+  std::vector<float> candidate_value;      // [E + 16]
+  std::vector<std::int32_t> candidate_id;  // [E + 16]
   explicit TokenScratch(index_t experts, index_t groups = 1)
       : logits(static_cast<std::size_t>(experts)),
         scores(static_cast<std::size_t>(experts)),
         selection(static_cast<std::size_t>(experts)),
         group_score(static_cast<std::size_t>(groups)),
-        group_kept(static_cast<std::size_t>(groups)) {}
+        group_kept(static_cast<std::size_t>(groups)),
+        candidate_value(static_cast<std::size_t>(experts + 16)),
+        candidate_id(static_cast<std::size_t>(experts + 16)) {}
   explicit TokenScratch(const GateSettings& s)
       : TokenScratch(s.n_routed_experts, s.n_expert_groups) {}
 };
@@ -130,7 +136,7 @@ inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top
   };
   int e = e0;
 #if defined(__AVX512F__)
-  // Most candidates fall below the current k-th value: test 16 at a time, insert the others.
+  // The same filter, scalar insertion (route_scored_token takes top_k_threshold for k ≤ 16).
   for (; e < e1; e += 16) {
     const int n = std::min(16, e1 - e);
     const __mmask16 valid = __mmask16((1u << n) - 1u);
@@ -147,6 +153,77 @@ inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top
 #endif
   for (; e < e1; ++e) insert(e);
 }
+
+/// Steps 5-6: the weights are the unbiased scores of the chosen experts, normalised if
+/// configured, times route_scale.
+inline void finish_token(const GateSettings& settings, const float* scores,
+                         const std::int32_t* top_id, std::int32_t* ids, float* weights) {
+  const int k = settings.topk;
+  float scale = float(settings.route_scale);
+  if (settings.normalize) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) sum += scores[top_id[j]];
+    scale /= (sum + 1e-20f);
+  }
+  for (int j = 0; j < k; ++j) {
+    ids[j] = top_id[j];
+    weights[j] = scores[top_id[j]] * scale;
+  }
+}
+
+#if defined(__AVX512F__)
+/// The top k ≤ 16 of the selection scores over `ranges` (pairs [begin, end) of expert ids, in
+/// increasing order), in two passes. (1) The lane-wise maxima of the candidates' 16-wide vectors
+/// are min(16, candidates) ≥ k distinct candidates, so their k-th largest τ is at most the true
+/// k-th largest: every chosen expert has a score ≥ τ. (2) The candidates ≥ τ (typically k plus a
+/// few) are compressed out in id order and insertion-sorted by (score desc, id asc). Exact, with
+/// the same tie rule as top_k_scan, and without a branch per candidate.
+inline void top_k_threshold(const float* selection, const int* ranges, int n_ranges, int k,
+                            float* cand_value, std::int32_t* cand_id, float* top_value,
+                            std::int32_t* top_id) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 lane_max = minus_inf;
+  for (int r = 0; r < n_ranges; ++r) {
+    for (int e = ranges[2 * r]; e < ranges[2 * r + 1]; e += 16) {
+      const __mmask16 valid = __mmask16((1u << std::min(16, ranges[2 * r + 1] - e)) - 1u);
+      lane_max = _mm512_max_ps(lane_max, _mm512_mask_loadu_ps(minus_inf, valid, selection + e));
+    }
+  }
+  alignas(64) float maxima[16];
+  _mm512_store_ps(maxima, lane_max);
+  std::nth_element(maxima, maxima + (k - 1), maxima + 16, std::greater<float>());
+  const __m512 tau = _mm512_set1_ps(maxima[k - 1]);
+  const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int count = 0;
+  for (int r = 0; r < n_ranges; ++r) {
+    for (int e = ranges[2 * r]; e < ranges[2 * r + 1]; e += 16) {
+      const __mmask16 valid = __mmask16((1u << std::min(16, ranges[2 * r + 1] - e)) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(valid, selection + e);
+      const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, tau, _CMP_GE_OQ);
+      // Register compress, then a full store (the buffers have 16 lanes of slack): Zen 4
+      // microcodes the memory form of vcompressps.
+      _mm512_storeu_ps(cand_value + count, _mm512_maskz_compress_ps(keep, x));
+      _mm512_storeu_si512(
+          cand_id + count,
+          _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane_ids, _mm512_set1_epi32(e))));
+      count += __builtin_popcount(unsigned(keep));
+    }
+  }
+  int held = 0;
+  for (int c = 0; c < count; ++c) {
+    const float x = cand_value[c];
+    if (held == k && !(x > top_value[k - 1])) continue;
+    int pos = held < k ? held++ : k - 1;
+    while (pos > 0 && x > top_value[pos - 1]) {
+      top_value[pos] = top_value[pos - 1];
+      top_id[pos] = top_id[pos - 1];
+      --pos;
+    }
+    top_value[pos] = x;
+    top_id[pos] = cand_id[c];
+  }
+}
+#endif
 
 /// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6). Writes k ids and
 /// weights.
@@ -178,15 +255,15 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
     for (int g = 0; g < groups; ++g) {
       group_score[g] =
           group_score_of(selection + std::size_t(g) * per_group, per_group, bias != nullptr);
-      kept[g] = 0;
     }
-    // The n_limited_groups best groups; ties → lower group id (strict > keeps the earlier).
-    for (int picked = 0; picked < settings.n_limited_groups; ++picked) {
-      int best = -1;
-      for (int g = 0; g < groups; ++g) {
-        if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
-      }
-      kept[best] = 1;
+    // The n_limited_groups best groups; ties → lower group id. A group's rank is the number of
+    // groups ahead of it (counted without branches: the comparisons are unpredictable).
+    for (int g = 0; g < groups; ++g) {
+      int rank = 0;
+      for (int h = 0; h < groups; ++h)
+        rank +=
+            int(group_score[h] > group_score[g]) + int(h < g && group_score[h] == group_score[g]);
+      kept[g] = char(rank < settings.n_limited_groups);
     }
   } else {
     std::fill(kept, kept + groups, char(1));
@@ -195,6 +272,28 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   // Step 4: top-k by (selection desc, id asc), over the kept groups in increasing id order.
   float top_value[kMaxTopk];
   std::int32_t top_id[kMaxTopk];
+#if defined(__AVX512F__)
+  if (k <= 16) {
+    int ranges[2 * kMaxGroups];
+    int n_ranges = 0;
+    for (int g = 0; g < groups;) {
+      if (!kept[g]) {
+        ++g;
+        continue;
+      }
+      int g_end = g + 1;  // merge runs of kept groups into one range
+      while (g_end < groups && kept[g_end]) ++g_end;
+      ranges[2 * n_ranges] = g * per_group;
+      ranges[2 * n_ranges + 1] = g_end * per_group;
+      ++n_ranges;
+      g = g_end;
+    }
+    top_k_threshold(selection, ranges, n_ranges, k, scratch.candidate_value.data(),
+                    scratch.candidate_id.data(), top_value, top_id);
+    finish_token(settings, scores, top_id, ids, weights);
+    return;
+  }
+#endif
   int held = 0;
   for (int g = 0; g < groups;) {
     if (!kept[g]) {
@@ -207,17 +306,7 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
     g = g_end;
   }
 
-  // Steps 5-6: weights are the unbiased scores, normalised if configured, times route_scale.
-  float scale = float(settings.route_scale);
-  if (settings.normalize) {
-    float sum = 0.0f;
-    for (int j = 0; j < k; ++j) sum += scores[top_id[j]];
-    scale /= (sum + 1e-20f);
-  }
-  for (int j = 0; j < k; ++j) {
-    ids[j] = top_id[j];
-    weights[j] = scores[top_id[j]] * scale;
-  }
+  finish_token(settings, scores, top_id, ids, weights);
 }
 
 /// Collects the lowest failing token of each thread; after the parallel region the lowest of
@@ -430,6 +519,9 @@ struct GateImpl<CpuBackend> {
     daedalus::detail::require<InvalidArgument>(
         settings.topk <= cpu_gate::kMaxTopk, fn, ": 'topk' is ", settings.topk,
         "; the CPU gate supports at most ", cpu_gate::kMaxTopk);
+    daedalus::detail::require<InvalidArgument>(
+        settings.n_expert_groups <= cpu_gate::kMaxGroups, fn, ": 'n_expert_groups' is ",
+        settings.n_expert_groups, "; the CPU gate supports at most ", cpu_gate::kMaxGroups);
   }
 };
 

@@ -202,12 +202,15 @@ struct ExpertsImpl<CpuBackend> {
       // operand, whose rows Eigen's micro-kernel vectorises, so a segment of a few dozen tokens
       // still fills the vectors.
       const auto xt = map(job.x, n, dim, dim).transpose();
-      auto gate = tmap(job.hidden + item.c0, cols, n, width);
+      ColMatrix gate(cols, n), up(cols, n);
       gate.noalias() = map(job.weights.w13 + item.c0 * dim, cols, dim, dim) * xt;
-      ColMatrix up(cols, n);
       up.noalias() = map(job.weights.w13 + (width + item.c0) * dim, cols, dim, dim) * xt;
       // silu(a) = a · σ(a) = a / (1 + e^-a) (DeepSeek `Expert.forward`: F.silu(w1(x)) * w3(x)).
+      // On Eigen's own (aligned) temporaries: its vectorised exp and its scalar exp differ in
+      // the last bit, and on a view of the caller's buffer which elements take which would
+      // depend on that buffer's address, so results would change from run to run.
       gate.array() = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();
+      tmap(job.hidden + item.c0, cols, n, width) = gate;
     });
 
     // Phase 2: y[:, c0:c1] = hidden · w2[c0:c1]ᵀ.

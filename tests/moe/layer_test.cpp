@@ -181,7 +181,7 @@ TEST_CASE("MoE layer: a capacity drops exactly the documented slots") {
   }
 }
 
-TEST_CASE("MoE layer: bitwise identical for 1, 2 and 3 threads") {
+TEST_CASE("MoE layer: bitwise identical for 1, 2 and 3 threads and any buffer alignment") {
   using C = daedalus::Tiny;
   const LayerFixture<C> f(8800);
   auto layer = f.layer();
@@ -192,6 +192,12 @@ TEST_CASE("MoE layer: bitwise identical for 1, 2 and 3 threads") {
     const auto many = forward(layer, CpuBackend(threads), x);
     CHECK(std::memcmp(many.data(), one.data(), one.size() * sizeof(float)) == 0);
   }
+  // And wherever the caller's buffers lie (shifted by 1 and 3 floats).
+  std::vector<float> x_shifted(x.size() + 1), out_shifted(x.size() + 3);
+  std::copy(x.begin(), x.end(), x_shifted.begin() + 1);
+  layer.forward(CpuBackend(2), HostView<const float, 2>(x_shifted.data() + 1, {200, C::dim}),
+                HostView<float, 2>(out_shifted.data() + 3, {200, C::dim}));
+  CHECK(std::memcmp(out_shifted.data() + 3, one.data(), one.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("MoE layer: bad input throws naming it; the output and the layer are unchanged") {

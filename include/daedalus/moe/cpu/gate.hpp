@@ -456,9 +456,9 @@ struct GateImpl<CpuBackend> {
       const index_t chunks = (tokens + chunk - 1) / chunk;
       const index_t stride = cpu_gate::padded_experts(experts);
       std::vector<float> packed;
-      if constexpr (cpu_gate::has_avx512_gate_kernel) {
-        cpu_gate::pack_gate_weight(team_cpu, weight.data(), experts, dim, packed);
-      }
+#if defined(__AVX512F__)
+      cpu_gate::pack_gate_weight(team_cpu, weight.data(), experts, dim, packed);
+#endif
       std::vector<std::vector<float>> logits(std::size_t(team_cpu.num_threads()));
       std::vector<cpu_gate::TokenScratch> scratch(std::size_t(team_cpu.num_threads()),
                                                   cpu_gate::TokenScratch(settings));

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <string_view>
 #include <vector>
 
 #if defined(__AVX512F__)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Times PyTorch on the MLA decode shapes of bench/cpu/bench_mla.cpp (bench/compare/torch_mla.py)
+# and on the MoE shapes of bench/cpu/bench_moe.cpp (bench/compare/torch_moe.py)
 # and says which BLAS torch uses. Arguments go to torch_mla.py (--help lists them).
 #
 # Needs Debian's python3-torch (1.13, linked against libblas.so.3; with libopenblas0-openmp
@@ -52,3 +53,6 @@ print()
 EOF
 
 run torch_mla.py "$@"
+# The MoE shapes of bench/cpu/bench_moe.cpp (gate, plan + dispatch + combine, V2-Lite layer);
+# TORCH_MOE_ARGS passes options to it (e.g. TORCH_MOE_ARGS="--layer-tokens 1,64").
+run torch_moe.py ${TORCH_MOE_ARGS:-}

@@ -1,0 +1,136 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Benchmarks of the MoE gate, included by bench_moe.cpp (after <benchmark/benchmark.h> and
+// "daedalus/daedalus.hpp"). Everything lives in namespace moe_gate_bench.
+//
+// - BM_gate<C>/tokens:N: moe::route, the whole gate: logits = x · Wᵀ (2·T·dim·E FLOPs) and the
+//   routing. FLOP/s, peak_fraction (of DAEDALUS_PEAK_GFLOPS, default 226) and tokens/s.
+// - BM_gate_routing<C>/tokens:N: moe::route_logits on precomputed logits: the routing part alone
+//   (scores, selection bias, group limit, top-k, weights); ns_per_token.
+//
+// DeepSeek-V3's shapes (7168 → 256 experts, 8 groups / 4, top-8) at 1, 64 and 4096 tokens; the
+// same for Tiny (96 → 12 experts, 4 groups / 2, top-3) as the smoke set.
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "daedalus/moe/balance.hpp"
+#include "daedalus/moe/cpu/gate.hpp"
+#include "daedalus/moe/gate.hpp"
+
+namespace moe_gate_bench {
+
+using namespace daedalus;  // so template arguments print as "DeepSeekV3", "Tiny"
+
+/// The fp32 FMA peak in FLOP/s: DAEDALUS_PEAK_GFLOPS (GFLOP/s) or 226 (bench/RESULTS.md).
+inline double peak_flops() {
+  static const double peak = [] {
+    const char* env = std::getenv("DAEDALUS_PEAK_GFLOPS");
+    const double gflops = env ? std::atof(env) : 0.0;
+    return (gflops > 0.0 ? gflops : 226.0) * 1e9;
+  }();
+  return peak;
+}
+
+inline std::vector<float> uniform(std::size_t n, std::uint64_t seed, float scale) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+template <class C>
+const moe::GateWeights<C>& gate_weights() {
+  static const moe::GateWeights<C> gate = moe::GateWeights<C>::random(7);
+  return gate;
+}
+
+template <class C>
+void BM_gate(benchmark::State& state) {
+  const index_t tokens = state.range(0);
+  const auto& gate = gate_weights<C>();
+  const std::vector<float> x = uniform(std::size_t(tokens) * C::dim, 11, 1.0f);
+  const int k = C::n_activated_experts;
+  std::vector<std::int32_t> ids(std::size_t(tokens) * k);
+  std::vector<float> weights(ids.size());
+  const CpuBackend cpu = state.range(1) > 0 ? CpuBackend(int(state.range(1))) : CpuBackend();
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    moe::route(cpu, gate, HostView<const float, 2>(x.data(), {tokens, C::dim}),
+               HostView<std::int32_t, 2>(ids.data(), {tokens, k}),
+               HostView<float, 2>(weights.data(), {tokens, k}));
+    benchmark::DoNotOptimize(ids.data());
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double flops = 2.0 * double(tokens) * C::dim * C::n_routed_experts;
+  const double steps = double(state.iterations());
+  state.counters["FLOP/s"] = benchmark::Counter(flops * steps, benchmark::Counter::kIsRate);
+  state.counters["peak_fraction"] =
+      benchmark::Counter(seconds > 0 ? flops * steps / seconds / peak_flops() : 0.0);
+  state.SetItemsProcessed(state.iterations() * tokens);
+}
+
+template <class C>
+void BM_gate_routing(benchmark::State& state) {
+  const index_t tokens = state.range(0);
+  const auto& gate = gate_weights<C>();
+  const auto settings = moe::GateSettings::from_config<C>();
+  const std::vector<float> logits = uniform(std::size_t(tokens) * C::n_routed_experts, 13, 2.0f);
+  const int k = C::n_activated_experts;
+  std::vector<std::int32_t> ids(std::size_t(tokens) * k);
+  std::vector<float> weights(ids.size());
+  const CpuBackend cpu = state.range(1) > 0 ? CpuBackend(int(state.range(1))) : CpuBackend();
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    moe::route_logits(cpu, settings,
+                      HostView<const float, 2>(logits.data(), {tokens, C::n_routed_experts}),
+                      gate.bias(), HostView<std::int32_t, 2>(ids.data(), {tokens, k}),
+                      HostView<float, 2>(weights.data(), {tokens, k}));
+    benchmark::DoNotOptimize(ids.data());
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  state.counters["ns_per_token"] =
+      benchmark::Counter(seconds * 1e9 / (double(state.iterations()) * double(tokens)));
+  state.SetItemsProcessed(state.iterations() * tokens);
+}
+
+// threads: 0 = the default backend (every thread OpenMP reports); 1 = one thread, whose CPU
+// time column is the single-core cost even on a busy machine.
+BENCHMARK_TEMPLATE(BM_gate, DeepSeekV3)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gate_routing, DeepSeekV3)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gate, Tiny)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gate_routing, Tiny)
+    ->ArgNames({"tokens", "threads"})
+    ->Args({1, 0})
+    ->Args({64, 0})
+    ->Args({4096, 0})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace moe_gate_bench

@@ -2,11 +2,22 @@
 # SPDX-License-Identifier: Apache-2.0
 # Installs the Debian/Ubuntu packages daedalus builds with, and only those that are missing:
 # cmake (3.25 or newer), g++, make, Eigen 3.4, doctest, Google Benchmark.
+#   --ci  also what the quality gates of .ci/run need: clang-format, clang-tidy, and clang++ with
+#         LLVM's OpenMP runtime (its Archer tool) and sanitizer runtimes for the TSan build.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 packages=(cmake g++ make libeigen3-dev doctest-dev libbenchmark-dev)
+for arg in "$@"; do
+  case "$arg" in
+    --ci) packages+=(git clang clang-format clang-tidy libomp-dev libclang-rt-dev) ;;
+    *)
+      echo "install-deps: unknown argument '$arg'; expected --ci or nothing" >&2
+      exit 2
+      ;;
+  esac
+done
 
 missing=()
 for pkg in "${packages[@]}"; do

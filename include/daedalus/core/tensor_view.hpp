@@ -56,6 +56,25 @@ class TensorView {
       TensorView(const TensorView<U, Rank, Space>& other)
       : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
 
+  /// Never usable: a view of one memory space passed where a view of another is expected (a
+  /// device view given to CpuBackend). Declared, rather than left out, so that such a call
+  /// resolves to this constructor and fails with a sentence instead of "no matching function".
+  /// std::is_convertible therefore reports true across spaces; any use is ill-formed.
+  template <class U, class OtherSpace>
+  requires(std::is_same_v<std::remove_const_t<U>, std::remove_const_t<T>> &&
+           !std::is_same_v<OtherSpace, Space>) DAEDALUS_HOST_DEVICE
+      TensorView(const TensorView<U, Rank, OtherSpace>&)
+      : data_(nullptr), extents_{}, strides_{} {
+    static_assert(!(std::is_same_v<OtherSpace, DeviceMemory> && std::is_same_v<Space, HostMemory>),
+                  "daedalus::TensorView: a DeviceMemory view cannot become a HostMemory view: a "
+                  "device view was passed where host memory is read (e.g. to CpuBackend); copy "
+                  "it to the host first");
+    static_assert(!(std::is_same_v<OtherSpace, HostMemory> && std::is_same_v<Space, DeviceMemory>),
+                  "daedalus::TensorView: a HostMemory view cannot become a DeviceMemory view: a "
+                  "host view was passed where device memory is read (e.g. to CudaBackend); copy "
+                  "it to the device first");
+  }
+
   [[nodiscard]] DAEDALUS_HOST_DEVICE T* data() const { return data_; }
   [[nodiscard]] DAEDALUS_HOST_DEVICE const std::array<index_t, Rank>& extents() const {
     return extents_;

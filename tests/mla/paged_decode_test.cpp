@@ -244,3 +244,103 @@ TEST_CASE("paged decode and prefill refuse bad input and change nothing") {
   CHECK(allocator.num_free_blocks() == 0);
   CHECK(paged.length(b) == 3 * kBlock + 1);
 }
+
+TEST_CASE("two layers sharing one allocator decode at explicit positions like separate caches") {
+  // A two-layer model: each layer has its own weights and pool, both pools share one allocator
+  // (one block table per sequence). Every step reads the lengths once and passes them to both
+  // layers; the result must equal each layer run on a contiguous cache of its own. A fork makes
+  // the first layer's write copy a shared block in both pools.
+  const CpuBackend cpu(2);
+  const auto layer0 = dt::SharedModel<C>::get().weights;
+  const auto layer1 = dt::WeightArrays<C>::random(0xA11CEu).weights();
+  BlockAllocator allocator(32, kBlock);
+  Paged paged0(allocator);
+  Paged paged1(allocator);
+  Contiguous contiguous0(2, 80);
+  Contiguous contiguous1(2, 80);
+
+  const auto run_layers_paged = [&](const std::vector<index_t>& seqs,
+                                    const std::vector<index_t>& starts, index_t q_len,
+                                    const std::vector<float>& x) {
+    const index_t batch = index_t(seqs.size());
+    std::vector<float> hidden(x.size()), out(x.size());
+    mla::decode(cpu, layer0, paged0, std::span<const index_t>(seqs),
+                std::span<const index_t>(starts),
+                HostView<const float, 3>(x.data(), {batch, q_len, S::dim}),
+                HostView<float, 3>(hidden.data(), {batch, q_len, S::dim}));
+    mla::decode(cpu, layer1, paged1, std::span<const index_t>(seqs),
+                std::span<const index_t>(starts),
+                HostView<const float, 3>(hidden.data(), {batch, q_len, S::dim}),
+                HostView<float, 3>(out.data(), {batch, q_len, S::dim}));
+    return out;
+  };
+  const auto run_layers_contiguous = [&](const std::vector<index_t>& seqs, index_t q_len,
+                                         const std::vector<float>& x) {
+    const index_t batch = index_t(seqs.size());
+    std::vector<float> hidden(x.size()), out(x.size());
+    mla::decode(cpu, layer0, contiguous0, std::span<const index_t>(seqs),
+                HostView<const float, 3>(x.data(), {batch, q_len, S::dim}),
+                HostView<float, 3>(hidden.data(), {batch, q_len, S::dim}));
+    mla::decode(cpu, layer1, contiguous1, std::span<const index_t>(seqs),
+                HostView<const float, 3>(hidden.data(), {batch, q_len, S::dim}),
+                HostView<float, 3>(out.data(), {batch, q_len, S::dim}));
+    return out;
+  };
+
+  // A 21-token prompt for sequence a, token by token (the partial last block is then shared by
+  // the fork b, whose first write copies it in both pools).
+  const index_t a = allocator.add_sequence();
+  for (index_t t = 0; t < 21; ++t) {
+    const std::vector<float> x = dt::random_tokens(1, S::dim, 900 + std::uint64_t(t));
+    const auto got = run_layers_paged({a}, {allocator.length(a)}, 1, x);
+    const auto want = run_layers_contiguous({0}, 1, x);
+    CHECK(tol::row_relative_error(got, want, S::dim) <= layer_bound(t + 1));
+  }
+  const index_t b = allocator.fork(a);
+  {
+    // The contiguous model of the fork: copy sequence 0's rows of both layers into sequence 1.
+    const auto rows0 = dt::cached_rows(contiguous0, 0);
+    const auto rows1 = dt::cached_rows(contiguous1, 0);
+    contiguous0.write(1, 0, HostView<const float, 2>(rows0.data(), {21, S::latent_dim}));
+    contiguous1.write(1, 0, HostView<const float, 2>(rows1.data(), {21, S::latent_dim}));
+  }
+  const index_t free_before = allocator.num_free_blocks();
+  for (index_t q_len : {1, 2, 1}) {
+    const std::vector<float> x =
+        dt::random_tokens(std::size_t(2 * q_len), S::dim, 950 + std::uint64_t(q_len));
+    const std::vector<index_t> starts = {allocator.length(b), allocator.length(a)};
+    const auto got = run_layers_paged({b, a}, starts, q_len, x);
+    const auto want = run_layers_contiguous({1, 0}, q_len, x);
+    CHECK(tol::row_relative_error(got, want, S::dim) <= layer_bound(30));
+    CHECK(allocator.length(a) == contiguous0.length(0));
+    CHECK(allocator.length(b) == contiguous0.length(1));
+  }
+  // The fork's first write copied the shared partial block once (not once per layer).
+  CHECK(allocator.num_free_blocks() == free_before - 1);
+  for (index_t s : {a, b}) {
+    const index_t c = s == a ? 0 : 1;
+    CHECK(tol::row_relative_error(paged0.rows(s), dt::cached_rows(contiguous0, c), S::latent_dim) <=
+          layer_bound(30));
+    CHECK(tol::row_relative_error(paged1.rows(s), dt::cached_rows(contiguous1, c), S::latent_dim) <=
+          layer_bound(30));
+  }
+
+  // A start position past the sequence's length is refused, and nothing changes.
+  const PagedSnapshot before(paged1);
+  const std::vector<float> x = dt::random_tokens(1, S::dim, 990);
+  std::vector<float> out(x.size());
+  const std::vector<index_t> seqs = {a};
+  const std::vector<index_t> bad_start = {allocator.length(a) + 1};
+  CHECK_THROWS_WITH_AS(mla::decode(cpu, layer1, paged1, std::span<const index_t>(seqs),
+                                   std::span<const index_t>(bad_start),
+                                   HostView<const float, 3>(x.data(), {1, 1, S::dim}),
+                                   HostView<float, 3>(out.data(), {1, 1, S::dim})),
+                       doctest::Contains("'start_positions[0]'"), daedalus::OutOfRange);
+  const std::vector<index_t> two_starts = {0, 0};
+  CHECK_THROWS_AS(mla::decode(cpu, layer1, paged1, std::span<const index_t>(seqs),
+                              std::span<const index_t>(two_starts),
+                              HostView<const float, 3>(x.data(), {1, 1, S::dim}),
+                              HostView<float, 3>(out.data(), {1, 1, S::dim})),
+                  daedalus::InvalidArgument);
+  CHECK(PagedSnapshot(paged1) == before);
+}

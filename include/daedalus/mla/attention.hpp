@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <type_traits>
@@ -302,6 +303,52 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
                                        out.data(), mode);
 }
 
+namespace detail {
+/// The paged `decode` overloads: validates everything (extents, ids, positions, pool capacity for
+/// the whole batch, finiteness) before the forward pass writes anything.
+template <class Backend, MlaConfig C, class Storage, int BlockSize>
+void paged_decode(const Backend& backend, const MlaWeights<C>& weights,
+                  PagedLatentCache<C, Backend, Storage, BlockSize>& cache,
+                  std::span<const index_t> seqs,
+                  std::optional<std::span<const index_t>> start_positions,
+                  TensorView<const float, 3, typename Backend::memory_space> x,
+                  TensorView<float, 3, typename Backend::memory_space> out, AttentionMode mode) {
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::decode";
+  const index_t batch = index_t(seqs.size());
+  const index_t q_len = x.extent(1);
+  daedalus::detail::check_extents(fn, "x", x, {batch, q_len, S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
+  if (start_positions) {
+    daedalus::detail::require<InvalidArgument>(
+        index_t(start_positions->size()) == batch, fn, ": 'start_positions' has ",
+        start_positions->size(), " entries; expected ", batch, " (one per entry of 'seqs')");
+  }
+  const BlockAllocator& allocator = cache.allocator();
+  std::vector<index_t> starts(seqs.size());
+  for (index_t b = 0; b < batch; ++b) {
+    for (index_t other = 0; other < b; ++other) {
+      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
+                                                 "sequence ", seqs[b], " twice (entries ", other,
+                                                 " and ", b, "); expected distinct ids");
+    }
+    daedalus::detail::require<OutOfRange>(allocator.contains(seqs[b]), fn, ": 'seqs[", b, "]' is ",
+                                          seqs[b],
+                                          "; expected a live sequence of the cache's allocator");
+    const index_t length = cache.length(seqs[b]);
+    starts[b] = start_positions ? (*start_positions)[std::size_t(b)] : length;
+    daedalus::detail::require<OutOfRange>(starts[b] >= 0 && starts[b] <= length, fn,
+                                          ": 'start_positions[", b, "]' is ", starts[b],
+                                          "; expected a position in [0, ", length, "] (sequence ",
+                                          seqs[b], " holds ", length, " tokens)");
+  }
+  allocator.check_writes(fn, seqs, starts, q_len);
+  require_finite(fn, "x", x.data(), x.size(), S::dim);
+  MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(), out.data(),
+                               mode);
+}
+}  // namespace detail
+
 /// `prefill` over a paged cache (PagedLatentCache): the same semantics as the contiguous
 /// overload. The chunk's rows go to the sequence's blocks (blocks shared with a fork are copied
 /// first, in every layer's pool, by the allocator), then the chunk attends over the sequence
@@ -332,10 +379,9 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
 /// `decode` over a paged cache (PagedLatentCache): the same semantics as the contiguous
 /// overload; the batch is read through the sequences' block tables. Pool capacity is checked for
 /// the whole batch before anything is written (BlockAllocator::check_writes: new blocks and
-/// copy-on-write copies, counted exactly). The new tokens go at length(seq) of each sequence:
-/// right for one layer. Layers that share an allocator share lengths, so after the first layer
-/// has appended, the others must write the same positions: call `prefill` with
-/// start_pos = length(seq) - q_len for them (README, "Latent KV cache containers").
+/// copy-on-write copies, counted exactly). The new tokens go at length(seq) of each sequence.
+/// That is right for a model of one layer; layers that share an allocator share lengths, so a
+/// model of several layers uses the overload with explicit start positions below.
 ///
 /// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (released or unknown
 ///         sequence), CapacityError (the pool lacks free blocks), NumericError (non-finite x).
@@ -346,29 +392,28 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
             TensorView<const float, 3, typename Backend::memory_space> x,
             TensorView<float, 3, typename Backend::memory_space> out,
             AttentionMode mode = AttentionMode::absorbed) {
-  using S = MlaShape<C>;
-  constexpr std::string_view fn = "daedalus::mla::decode";
-  const index_t batch = index_t(seqs.size());
-  const index_t q_len = x.extent(1);
-  daedalus::detail::check_extents(fn, "x", x, {batch, q_len, S::dim});
-  daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
-  const BlockAllocator& allocator = cache.allocator();
-  std::vector<index_t> starts(seqs.size());
-  for (index_t b = 0; b < batch; ++b) {
-    for (index_t other = 0; other < b; ++other) {
-      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
-                                                 "sequence ", seqs[b], " twice (entries ", other,
-                                                 " and ", b, "); expected distinct ids");
-    }
-    daedalus::detail::require<OutOfRange>(allocator.contains(seqs[b]), fn, ": 'seqs[", b, "]' is ",
-                                          seqs[b],
-                                          "; expected a live sequence of the cache's allocator");
-    starts[b] = cache.length(seqs[b]);
-  }
-  allocator.check_writes(fn, seqs, starts, q_len);
-  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
-  detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
-                                       out.data(), mode);
+  detail::paged_decode(backend, weights, cache, seqs, std::nullopt, x, out, mode);
+}
+
+/// `decode` at explicit positions, for a model whose layers share one BlockAllocator: the new
+/// tokens of sequence b go at start_positions[b] .. start_positions[b] + q_len - 1, and its length
+/// becomes start_positions[b] + q_len (rows at and past the start are overwritten, as in
+/// `prefill`). A decode step of an L-layer model reads each sequence's length once before the
+/// step and passes it to every layer: the first layer allocates the new slots (and copies shared
+/// blocks, in every layer's pool), the later layers write the same slots in their own pools.
+///
+/// @param start_positions [batch] each in [0, length(seqs[b])]
+/// @throws as the overload above, and OutOfRange for a start position outside [0, length] or
+///         InvalidArgument when start_positions and seqs differ in size. Nothing changes when it
+///         throws.
+template <class Backend, MlaConfig C, class Storage, int BlockSize>
+void decode(const Backend& backend, const MlaWeights<C>& weights,
+            PagedLatentCache<C, Backend, Storage, BlockSize>& cache, std::span<const index_t> seqs,
+            std::span<const index_t> start_positions,
+            TensorView<const float, 3, typename Backend::memory_space> x,
+            TensorView<float, 3, typename Backend::memory_space> out,
+            AttentionMode mode = AttentionMode::absorbed) {
+  detail::paged_decode(backend, weights, cache, seqs, start_positions, x, out, mode);
 }
 
 }  // namespace daedalus::mla

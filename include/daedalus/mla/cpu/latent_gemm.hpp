@@ -93,7 +93,8 @@ inline void micro_kernel(const float* a, index_t a_stride, index_t a_step, index
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j)
-      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + 16 * j) : _mm512_setzero_ps();
+      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + index_t{16} * j)
+                             : _mm512_setzero_ps();
   for (index_t d = 0; d < depth; ++d) {
     const float* brow = b + d * b_stride;
     const __m512 b0 = _mm512_loadu_ps(brow);
@@ -109,7 +110,7 @@ inline void micro_kernel(const float* a, index_t a_stride, index_t a_step, index
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + 16 * j, acc[i][j]);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + index_t{16} * j, acc[i][j]);
 }
 
 /// Calls `micro.template operator()<R>(row)` over `rows` in blocks of kRows and one remainder.

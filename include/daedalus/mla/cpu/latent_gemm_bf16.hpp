@@ -56,7 +56,8 @@ inline void bf16_micro_kernel(const std::uint32_t* a, index_t a_stride, index_t 
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j)
-      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + 16 * j) : _mm512_setzero_ps();
+      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + index_t{16} * j)
+                             : _mm512_setzero_ps();
   for (index_t k = 0; k < depth; ++k) {
     const std::uint32_t* brow = b + k * b_stride;
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(brow);
@@ -72,7 +73,7 @@ inline void bf16_micro_kernel(const std::uint32_t* a, index_t a_stride, index_t 
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + 16 * j, acc[i][j]);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + index_t{16} * j, acc[i][j]);
 }
 
 /// A query tile rounded to bf16 and packed as panels [p][d/2][64 rows] of pairs.

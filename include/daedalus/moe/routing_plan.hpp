@@ -106,15 +106,15 @@ class RoutingPlan {
     k_ = k;
     num_experts_ = num_experts;
     settings_ = settings;
-    const auto E = std::size_t(num_experts);
-    routed_counts_.assign(E, 0);
+    const auto expert_count = std::size_t(num_experts);
+    routed_counts_.assign(expert_count, 0);
     for (index_t s = 0; s < slots; ++s) ++routed_counts_[std::size_t(ids[s])];
 
     // Counting sort of the slots by expert, stable because slots are visited in (token, slot)
     // order: sorted_[starts[e] ..) lists expert e's slots in increasing slot order.
     std::vector<index_t>& starts = scratch_starts_;
-    starts.assign(E + 1, 0);
-    for (std::size_t e = 0; e < E; ++e) starts[e + 1] = starts[e] + routed_counts_[e];
+    starts.assign(expert_count + 1, 0);
+    for (std::size_t e = 0; e < expert_count; ++e) starts[e + 1] = starts[e] + routed_counts_[e];
     sorted_.resize(std::size_t(slots));
     {
       std::vector<index_t>& next = scratch_next_;
@@ -128,9 +128,9 @@ class RoutingPlan {
         settings.capacity_factor > 0.0
             ? index_t(std::ceil(double(slots) / double(num_experts) * settings.capacity_factor))
             : slots;
-    counts_.resize(E);
+    counts_.resize(expert_count);
     dropped_ = 0;
-    for (std::size_t e = 0; e < E; ++e) {
+    for (std::size_t e = 0; e < expert_count; ++e) {
       const index_t n = routed_counts_[e];
       counts_[e] = std::min(n, capacity_);
       dropped_ += n - counts_[e];
@@ -149,15 +149,15 @@ class RoutingPlan {
 
     // Segments, padded to the block: offsets_[e] is where expert e's rows start.
     const index_t block = settings.pad_block;
-    offsets_.resize(E + 1);
+    offsets_.resize(expert_count + 1);
     offsets_[0] = 0;
-    for (std::size_t e = 0; e < E; ++e)
+    for (std::size_t e = 0; e < expert_count; ++e)
       offsets_[e + 1] = offsets_[e] + (counts_[e] + block - 1) / block * block;
-    const index_t rows = offsets_[E];
+    const index_t rows = offsets_[expert_count];
     row_slot_.assign(std::size_t(rows), -1);
     row_weight_.assign(std::size_t(rows), 0.0f);
     slot_row_.assign(std::size_t(slots), -1);
-    for (std::size_t e = 0; e < E; ++e) {
+    for (std::size_t e = 0; e < expert_count; ++e) {
       const std::int32_t* seg = sorted_.data() + starts[e];
       for (index_t i = 0; i < counts_[e]; ++i) {
         const std::int32_t s = seg[i];

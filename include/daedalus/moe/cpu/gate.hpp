@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -186,20 +187,22 @@ inline void top_k_threshold(const float* selection, const int* ranges, int n_ran
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 lane_max = minus_inf;
   for (int r = 0; r < n_ranges; ++r) {
-    for (int e = ranges[2 * r]; e < ranges[2 * r + 1]; e += 16) {
-      const __mmask16 valid = __mmask16((1u << std::min(16, ranges[2 * r + 1] - e)) - 1u);
+    for (int e = ranges[std::ptrdiff_t{2} * r]; e < ranges[std::ptrdiff_t{2} * r + 1]; e += 16) {
+      const __mmask16 valid =
+          __mmask16((1u << std::min(16, ranges[std::ptrdiff_t{2} * r + 1] - e)) - 1u);
       lane_max = _mm512_max_ps(lane_max, _mm512_mask_loadu_ps(minus_inf, valid, selection + e));
     }
   }
   alignas(64) float maxima[16];
   _mm512_store_ps(maxima, lane_max);
-  std::nth_element(maxima, maxima + (k - 1), maxima + 16, std::greater<float>());
+  std::nth_element(maxima, maxima + (k - 1), maxima + 16, std::greater<>());
   const __m512 tau = _mm512_set1_ps(maxima[k - 1]);
   const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   int count = 0;
   for (int r = 0; r < n_ranges; ++r) {
-    for (int e = ranges[2 * r]; e < ranges[2 * r + 1]; e += 16) {
-      const __mmask16 valid = __mmask16((1u << std::min(16, ranges[2 * r + 1] - e)) - 1u);
+    for (int e = ranges[std::ptrdiff_t{2} * r]; e < ranges[std::ptrdiff_t{2} * r + 1]; e += 16) {
+      const __mmask16 valid =
+          __mmask16((1u << std::min(16, ranges[std::ptrdiff_t{2} * r + 1] - e)) - 1u);
       const __m512 x = _mm512_maskz_loadu_ps(valid, selection + e);
       const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, tau, _CMP_GE_OQ);
       // Register compress, then a full store (the buffers have 16 lanes of slack): Zen 4
@@ -285,8 +288,8 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
       }
       int g_end = g + 1;  // merge runs of kept groups into one range
       while (g_end < groups && kept[g_end]) ++g_end;
-      ranges[2 * n_ranges] = g * per_group;
-      ranges[2 * n_ranges + 1] = g_end * per_group;
+      ranges[std::ptrdiff_t{2} * n_ranges] = g * per_group;
+      ranges[std::ptrdiff_t{2} * n_ranges + 1] = g_end * per_group;
       ++n_ranges;
       g = g_end;
     }

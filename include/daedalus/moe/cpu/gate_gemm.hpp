@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -68,7 +69,8 @@ inline void gate_tile(const float* x, index_t x_stride, index_t depth, const flo
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j)
-      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + 16 * j) : _mm512_setzero_ps();
+      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + std::ptrdiff_t{16} * j)
+                             : _mm512_setzero_ps();
   for (index_t d = 0; d < depth; ++d) {
     const float* row = panel + d * kPanel;
     const __m512 b0 = _mm512_loadu_ps(row);
@@ -84,7 +86,8 @@ inline void gate_tile(const float* x, index_t x_stride, index_t depth, const flo
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + 16 * j, acc[i][j]);
+    for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(out + i * out_stride + std::ptrdiff_t{16} * j, acc[i][j]);
 }
 
 template <bool Accumulate>

@@ -32,6 +32,7 @@
 #include <span>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "daedalus/daedalus.hpp"
 #include "kv_cache_ops_benchmarks.hpp"
 
@@ -42,27 +43,9 @@ using daedalus::index_t;
 
 constexpr int kBlock = 64;  // FlashMLA's page size
 
-/// The fp32 FMA peak of the machine in FLOP/s: DAEDALUS_PEAK_GFLOPS (GFLOP/s) or 226.
-double peak_flops() {
-  static const double peak = [] {
-    const char* env = std::getenv("DAEDALUS_PEAK_GFLOPS");
-    const double gflops = env ? std::atof(env) : 0.0;
-    return (gflops > 0.0 ? gflops : 226.0) * 1e9;
-  }();
-  return peak;
-}
+using daedalus::bench::peak_flops;
 
-/// Seconds since construction (peak_fraction must be a plain ratio over real time).
-class LoopTimer {
- public:
-  LoopTimer() : start_(std::chrono::steady_clock::now()) {}
-  [[nodiscard]] double seconds() const {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  }
-
- private:
-  std::chrono::steady_clock::time_point start_;
-};
+using daedalus::bench::LoopTimer;
 
 template <class C>
 double decode_flops(index_t batch, index_t ctx) {

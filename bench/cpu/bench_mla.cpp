@@ -40,6 +40,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bench_common.hpp"
 #include "daedalus/daedalus.hpp"
 
 namespace {
@@ -50,28 +51,9 @@ using daedalus::index_t;
 // --------------------------------------------------------------------------------------------
 // Shared helpers
 
-/// The fp32 FMA peak of the machine in FLOP/s: DAEDALUS_PEAK_GFLOPS (GFLOP/s) or 226.
-double peak_flops() {
-  static const double peak = [] {
-    const char* env = std::getenv("DAEDALUS_PEAK_GFLOPS");
-    const double gflops = env ? std::atof(env) : 0.0;
-    return (gflops > 0.0 ? gflops : 226.0) * 1e9;
-  }();
-  return peak;
-}
+using daedalus::bench::peak_flops;
 
-/// Real time spent in a benchmark's timed loop: `peak_fraction` must be a plain ratio, and
-/// Google Benchmark only divides counters by the elapsed time as rates (printed with "/s").
-class LoopTimer {
- public:
-  LoopTimer() : start_(std::chrono::steady_clock::now()) {}
-  [[nodiscard]] double seconds() const {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  }
-
- private:
-  std::chrono::steady_clock::time_point start_;
-};
+using daedalus::bench::LoopTimer;
 
 /// Sets the counters every benchmark reports, from the work of one step, the iterations run and
 /// the real time they took. FLOP/s and bytes/s are rates over real time (every benchmark here

@@ -33,6 +33,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "daedalus/daedalus.hpp"
 #include "moe_gate_benchmarks.hpp"
 
@@ -41,15 +42,7 @@ namespace moe_bench {
 using namespace daedalus;  // so template arguments print as "DeepSeekV3", "Tiny"
 using daedalus::index_t;
 
-/// The fp32 FMA peak of the machine in FLOP/s: DAEDALUS_PEAK_GFLOPS (GFLOP/s) or 226.
-double peak_flops() {
-  static const double peak = [] {
-    const char* env = std::getenv("DAEDALUS_PEAK_GFLOPS");
-    const double gflops = env ? std::atof(env) : 0.0;
-    return (gflops > 0.0 ? gflops : 226.0) * 1e9;
-  }();
-  return peak;
-}
+using daedalus::bench::peak_flops;
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -17,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "daedalus/moe/balance.hpp"
 #include "daedalus/moe/cpu/gate.hpp"
 #include "daedalus/moe/gate.hpp"
@@ -25,15 +26,7 @@ namespace moe_gate_bench {
 
 using namespace daedalus;  // so template arguments print as "DeepSeekV3", "Tiny"
 
-/// The fp32 FMA peak in FLOP/s: DAEDALUS_PEAK_GFLOPS (GFLOP/s) or 226 (bench/RESULTS.md).
-inline double peak_flops() {
-  static const double peak = [] {
-    const char* env = std::getenv("DAEDALUS_PEAK_GFLOPS");
-    const double gflops = env ? std::atof(env) : 0.0;
-    return (gflops > 0.0 ? gflops : 226.0) * 1e9;
-  }();
-  return peak;
-}
+using daedalus::bench::peak_flops;
 
 inline std::vector<float> uniform(std::size_t n, std::uint64_t seed, float scale) {
   std::mt19937_64 rng(seed);

@@ -140,8 +140,10 @@ int main() {
   //    (without sharing, as those caches are usually run; DeepSeek-V2 paper, section 2.1.4).
   const daedalus::KvMemoryRow row = daedalus::kv_memory_row<Model, Storage>();
   std::printf("\n%lld tokens held per layer:\n", static_cast<long long>(tokens_held));
-  std::printf("  MHA   %8.2f MiB (%zu B/token)\n", mib(double(tokens_held) * row.mha), row.mha);
-  std::printf("  GQA-8 %8.2f MiB (%zu B/token)\n", mib(double(tokens_held) * row.gqa8), row.gqa8);
+  std::printf("  MHA   %8.2f MiB (%zu B/token)\n", mib(double(tokens_held) * double(row.mha)),
+              row.mha);
+  std::printf("  GQA-8 %8.2f MiB (%zu B/token)\n", mib(double(tokens_held) * double(row.gqa8)),
+              row.gqa8);
   std::printf("  MLA   %8.2f MiB (%zu B/token, unshared blocks)\n",
               mib(double(unshared_blocks) * Cache::block_bytes), row.mla);
   std::printf("  MLA   %8.2f MiB (shared blocks): %.0fx less than MHA\n",

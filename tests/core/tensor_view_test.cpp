@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/errors.hpp"
+
 namespace {
 
 using daedalus::HostView;
@@ -18,15 +20,7 @@ using daedalus::index_t;
 using daedalus::TensorView;
 
 /// The what() of the exception `call` throws, or "" when it throws nothing.
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "";
-}
+using daedalus::testing::message_of;
 
 }  // namespace
 

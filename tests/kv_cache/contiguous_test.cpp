@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/mla_fixture.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
@@ -45,19 +46,8 @@ bool round_trips(const std::vector<float>& read, const std::vector<float>& writt
   return true;
 }
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 }  // namespace
 

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "support/errors.hpp"
+
 namespace daedalus::testing {
 
 /// Everything observable about a BlockAllocator: free count, every reference count, and each live
@@ -39,18 +41,7 @@ std::vector<std::byte> pool_bytes(const Cache& cache) {
 }
 
 /// The message of the exception of type E that `call` throws, or "<nothing thrown>".
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "<nothing thrown>";
-}
-
-inline bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 }  // namespace daedalus::testing

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/mla_fixture.hpp"
 
 namespace {
@@ -23,21 +24,8 @@ using daedalus::mla::AttentionMode;
 namespace dt = daedalus::testing;
 namespace mla = daedalus::mla;
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 /// A cache of three sequences with capacity 12, holding 5, 0 and 12 tokens of a model's output.
 template <class C>

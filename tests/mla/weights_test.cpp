@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/mla_fixture.hpp"
 
 namespace {
@@ -18,15 +19,7 @@ using daedalus::MlaShape;
 namespace dt = daedalus::testing;
 namespace mla = daedalus::mla;
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "<nothing thrown>";
-}
+using daedalus::testing::message_of;
 
 }  // namespace
 

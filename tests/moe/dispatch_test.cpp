@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/random.hpp"
 #include "support/reference/moe_layer_reference.hpp"
 #include "support/tolerance.hpp"
@@ -62,21 +63,8 @@ std::vector<float> combined(const CpuBackend& cpu, const moe::RoutingPlan& plan,
   return out;
 }
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 }  // namespace
 

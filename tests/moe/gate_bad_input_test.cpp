@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -24,21 +25,8 @@ using daedalus::index_t;
 namespace dt = daedalus::testing;
 namespace moe = daedalus::moe;
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 constexpr float kSentinel = 12345.0f;
 

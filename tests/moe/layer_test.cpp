@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/random.hpp"
 #include "support/reference/moe_layer_reference.hpp"
 #include "support/tolerance.hpp"
@@ -125,21 +126,8 @@ std::vector<double> reference(const LayerFixture<C>& f, const moe::MoeLayer<C>& 
   return want;
 }
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 }  // namespace
 
@@ -269,7 +257,8 @@ TEST_CASE("MoE layer: forward_and_balance records the loads and applies the sign
   // b_i += γ · sign(mean − c_i) (DeepSeek-V3 report, section 2.1.2).
   const double mean = 40.0 * C::n_activated_experts / C::n_routed_experts;
   for (int e = 0; e < C::n_routed_experts; ++e) {
-    const double sign = double(counts[e] < mean) - double(counts[e] > mean);
+    const double count = double(counts[std::size_t(e)]);
+    const double sign = double(count < mean) - double(count > mean);
     CHECK(layer.gate().bias().data()[e] == float(double(bias0[e]) + 0.001 * sign));
   }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "support/errors.hpp"
 #include "support/random.hpp"
 #include "support/reference/moe_layer_reference.hpp"
 
@@ -118,21 +119,8 @@ void check_plan(const moe::RoutingPlan& plan, const Routing& r, const std::vecto
     CHECK((plan.slot_row()[std::size_t(s)] >= 0) == bool(kept[std::size_t(s)]));
 }
 
-template <class E, class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<nothing thrown>";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using daedalus::testing::contains;
+using daedalus::testing::message_of;
 
 }  // namespace
 

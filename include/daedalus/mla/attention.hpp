@@ -62,6 +62,33 @@ inline void require_finite(std::string_view function, std::string_view argument,
   }
 }
 
+/// Every entry of `seqs` names a sequence of the contiguous `cache` that already holds at least
+/// q_len tokens (the query tokens are cached before they attend).
+template <class Cache>
+void require_cached_queries(std::string_view function, const Cache& cache,
+                            std::span<const index_t> seqs, index_t q_len) {
+  for (std::size_t b = 0; b < seqs.size(); ++b) {
+    daedalus::detail::require<OutOfRange>(
+        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), function, ": 'seqs[", b, "]' is ", seqs[b],
+        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
+    daedalus::detail::require<OutOfRange>(cache.length(seqs[b]) >= q_len, function, ": sequence ",
+                                          seqs[b], " holds ", cache.length(seqs[b]),
+                                          " tokens; expected at least ", "q_len = ", q_len,
+                                          " (the cache must already hold the query tokens)");
+  }
+}
+
+/// A decode batch names each sequence once: two entries would write the same cache slots.
+inline void require_distinct_sequences(std::string_view function, std::span<const index_t> seqs) {
+  for (std::size_t b = 0; b < seqs.size(); ++b) {
+    for (std::size_t other = 0; other < b; ++other) {
+      daedalus::detail::require<InvalidArgument>(
+          seqs[other] != seqs[b], function, ": 'seqs' names sequence ", seqs[b], " twice (entries ",
+          other, " and ", b, "); expected distinct ids");
+    }
+  }
+}
+
 template <class Backend, class View>
 constexpr void require_host_view() {
   static_assert(std::is_same_v<typename View::memory_space, typename Backend::memory_space>,
@@ -127,15 +154,7 @@ void absorbed_attention(const Backend& backend,
   daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::latent_dim});
   daedalus::detail::check_extents(fn, "out_latent", out_latent,
                                   {batch, q_len, S::n_heads, S::kv_lora_rank});
-  for (index_t b = 0; b < batch; ++b) {
-    daedalus::detail::require<OutOfRange>(
-        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
-        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
-    daedalus::detail::require<OutOfRange>(cache.length(seqs[b]) >= q_len, fn, ": sequence ",
-                                          seqs[b], " holds ", cache.length(seqs[b]),
-                                          " tokens; expected at least q_len = ", q_len,
-                                          " (the cache must already hold the query tokens)");
-  }
+  detail::require_cached_queries(fn, cache, seqs, q_len);
   detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, seqs, q, scale, out_latent);
 }
 
@@ -194,14 +213,7 @@ void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
   const index_t q_len = q.extent(1);
   daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::qk_head_dim});
   daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::n_heads, S::v_head_dim});
-  for (index_t b = 0; b < batch; ++b) {
-    daedalus::detail::require<OutOfRange>(
-        seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
-        "; expected a sequence id in [0, ", cache.num_sequences(), ")");
-    daedalus::detail::require<OutOfRange>(cache.length(seqs[b]) >= q_len, fn, ": sequence ",
-                                          seqs[b], " holds ", cache.length(seqs[b]),
-                                          " tokens; expected at least q_len = ", q_len);
-  }
+  detail::require_cached_queries(fn, cache, seqs, q_len);
   detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, seqs, q, scale, out);
 }
 
@@ -285,13 +297,9 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
   const index_t q_len = x.extent(1);
   daedalus::detail::check_extents(fn, "x", x, {batch, q_len, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::dim});
+  detail::require_distinct_sequences(fn, seqs);
   std::vector<index_t> starts(seqs.size());
   for (index_t b = 0; b < batch; ++b) {
-    for (index_t other = 0; other < b; ++other) {
-      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
-                                                 "sequence ", seqs[b], " twice (entries ", other,
-                                                 " and ", b, "); expected distinct ids");
-    }
     daedalus::detail::require<OutOfRange>(
         seqs[b] >= 0 && seqs[b] < cache.num_sequences(), fn, ": 'seqs[", b, "]' is ", seqs[b],
         "; expected a sequence id in [0, ", cache.num_sequences(), ")");
@@ -325,13 +333,9 @@ void paged_decode(const Backend& backend, const MlaWeights<C>& weights,
         start_positions->size(), " entries; expected ", batch, " (one per entry of 'seqs')");
   }
   const BlockAllocator& allocator = cache.allocator();
+  detail::require_distinct_sequences(fn, seqs);
   std::vector<index_t> starts(seqs.size());
   for (index_t b = 0; b < batch; ++b) {
-    for (index_t other = 0; other < b; ++other) {
-      daedalus::detail::require<InvalidArgument>(seqs[other] != seqs[b], fn, ": 'seqs' names ",
-                                                 "sequence ", seqs[b], " twice (entries ", other,
-                                                 " and ", b, "); expected distinct ids");
-    }
     daedalus::detail::require<OutOfRange>(allocator.contains(seqs[b]), fn, ": 'seqs[", b, "]' is ",
                                           seqs[b],
                                           "; expected a live sequence of the cache's allocator");

@@ -7,36 +7,15 @@
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 
-#include <cerrno>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "support/seed.hpp"
+#include "support/seed_main.hpp"
 
 namespace {
-
-constexpr std::uint64_t kDefaultSeed = 20261128;
-constexpr const char* kSeedVariable = "DAEDALUS_SEED";
-
-std::uint64_t read_seed() {
-  const char* text = std::getenv(kSeedVariable);
-  if (text == nullptr || *text == '\0') return kDefaultSeed;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || text[0] == '+') {
-    std::fprintf(stderr,
-                 "daedalus_cuda_tests: %s is '%s'; expected a decimal integer in [0, "
-                 "18446744073709551615]\n",
-                 kSeedVariable, text);
-    std::exit(2);
-  }
-  return static_cast<std::uint64_t>(value);
-}
 
 /// The number of test cases doctest would run with these arguments (its --count output).
 int count_test_cases(int argc, char** argv) {
@@ -53,12 +32,8 @@ int count_test_cases(int argc, char** argv) {
 
 }  // namespace
 
-std::uint64_t daedalus_test_seed() {
-  static const std::uint64_t seed = read_seed();
-  return seed;
-}
-
 int main(int argc, char** argv) {
+  daedalus::testing::test_binary_name() = "daedalus_cuda_tests";
   int devices = 0;
   const cudaError_t status = cudaGetDeviceCount(&devices);
   if (status != cudaSuccess || devices == 0) {
@@ -70,11 +45,7 @@ int main(int argc, char** argv) {
         count_test_cases(argc, argv));
     return 77;
   }
-  const std::uint64_t seed = daedalus_test_seed();
-  std::printf("daedalus_cuda_tests: seed %llu (repeat with %s=%llu)\n",
-              static_cast<unsigned long long>(seed), kSeedVariable,
-              static_cast<unsigned long long>(seed));
-  std::fflush(stdout);
+  daedalus::testing::print_seed();
   doctest::Context context(argc, argv);
   return context.run();
 }

@@ -24,9 +24,9 @@
 #include <map>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "kv_cache/paged_support.hpp"
 #include "support/errors.hpp"
 #include "support/random.hpp"
 
@@ -41,6 +41,32 @@ struct OddLatent : Tiny {
 };
 
 inline constexpr int kBlock = 16;
+
+/// Everything observable about a BlockAllocator: free count, every reference count, and each live
+/// sequence's length and block list (to check that a rejected call changed nothing, and that two
+/// allocators given the same calls agree).
+struct AllocatorSnapshot {
+  index_t free_blocks = 0;
+  std::vector<std::int32_t> ref_counts;
+  std::vector<std::pair<index_t, std::pair<index_t, std::vector<std::int32_t>>>> sequences;
+
+  explicit AllocatorSnapshot(const BlockAllocator& allocator)
+      : free_blocks(allocator.num_free_blocks()) {
+    for (index_t b = 0; b < allocator.num_blocks(); ++b)
+      ref_counts.push_back(allocator.ref_count(b));
+    for (const index_t seq : allocator.sequences()) {
+      const auto blocks = allocator.blocks(seq);
+      sequences.push_back({seq, {allocator.length(seq), {blocks.begin(), blocks.end()}}});
+    }
+  }
+  bool operator==(const AllocatorSnapshot&) const = default;
+};
+
+/// The bytes of a host cache's pool.
+template <class Cache>
+std::vector<std::byte> pool_bytes(const Cache& cache) {
+  return {cache.pool_data(), cache.pool_data() + cache.bytes()};
+}
 
 template <class C, class S>
 using DevicePaged = PagedLatentCache<C, CudaBackend, S, kBlock>;

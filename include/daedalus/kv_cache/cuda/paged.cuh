@@ -167,8 +167,8 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
     dst_rows_.host.clear();
     add_destinations(seq, start_pos, n);
     const std::int64_t* dst = dst_rows_.upload(backend_);
-    cuda::launch_encode_rows<device_storage_type>(backend_, rows.data(), dst, pool_.data(), n,
-                                                  latent_dim);
+    cuda::launch_encode_rows<device_storage_type, latent_dim>(backend_, rows.data(), dst,
+                                                              pool_.data(), n);
   }
 
   /// Appends `rows` ([n, latent_dim], device) after the tokens of sequence `seq`.
@@ -203,9 +203,9 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
     const auto flush = [&](std::size_t end) {
       if (dst_rows_.host.empty()) return;
       const std::int64_t* dst = dst_rows_.upload(backend_);
-      cuda::launch_encode_rows<device_storage_type>(
+      cuda::launch_encode_rows<device_storage_type, latent_dim>(
           backend_, rows + std::int64_t(group_begin) * q_len * latent_dim, dst, pool_.data(),
-          index_t(dst_rows_.host.size()), latent_dim);
+          index_t(dst_rows_.host.size()));
       dst_rows_.host.clear();
       pending.clear();
       group_begin = end;

@@ -268,9 +268,10 @@ void check_contiguous_matches_host(const CudaBackend& cuda, std::uint64_t offset
   device.clear(1);
   host.clear(1);
   same();
-  // encode_rows: entries 3, 1, 2, 3 again (listed twice: written in order), q_len 2.
+  // encode_rows: entries 3, 1, 2, 3 again, q_len 2; the second entry of 3 rewrites the last row
+  // of the first (a sequence listed twice is written in list order, as by two writes).
   const std::vector<index_t> seqs = {3, 1, 2, 3};
-  const std::vector<index_t> starts = {device.length(3), 0, 7, device.length(3) + 2};
+  const std::vector<index_t> starts = {device.length(3), 0, 7, device.length(3) + 1};
   const std::vector<float> batch = rows(8);
   const auto staged_batch = cuda::to_device(cuda, batch);
   device.encode_rows(seqs, starts, 2, staged_batch.data());
@@ -682,10 +683,11 @@ void check_encode_rows_shared_blocks(const CudaBackend& cuda) {
   const index_t other = device_allocator.add_sequence();
   REQUIRE(host_allocator.add_sequence() == other);
   // forks[0], root and forks[1] append into block 2, which all of them share; forks[2] appends
-  // inside block 1 (shared); `other` starts empty and is listed twice; forks[3] rewrites its last
+  // inside block 1 (shared); `other` starts empty and is listed twice, its second entry
+  // rewriting the second row of the first; forks[3] rewrites its last
   // row (a shared block again).
   const std::vector<index_t> seqs = {forks[0], other, root, forks[2], other, forks[1], forks[3]};
-  const std::vector<index_t> starts = {40, 0, 40, 23, 2, 40, 39};
+  const std::vector<index_t> starts = {40, 0, 40, 23, 1, 40, 39};
   constexpr index_t q_len = 2;
   const std::vector<float> rows = random_rows(random, index_t(seqs.size()) * q_len, D);
   const auto staged = cuda::to_device(cuda, rows);
@@ -772,6 +774,14 @@ void check_bad_input(const CudaBackend& cuda) {
     });
     CHECK(contains(message, "non-finite value (-inf) at row 1, column 7"));
   }
+  // The first and the last value of the rows.
+  std::vector<float> edge = rows;
+  edge.back() = std::numeric_limits<float>::infinity();
+  paged_case("last value", NumericError{""}, seq, 20, n / 2, D,
+             std::vector<float>(edge.begin() + n / 2 * D, edge.end()));
+  edge.front() = std::nanf("");
+  paged_case("first value", NumericError{""}, seq, 20, n / 2, D,
+             std::vector<float>(edge.begin(), edge.begin() + n / 2 * D));
   // append checks the sequence before anything else.
   {
     const auto staged = cuda::to_device(cuda, rows);

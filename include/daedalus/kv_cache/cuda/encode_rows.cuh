@@ -12,6 +12,8 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <span>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -157,6 +159,38 @@ void launch_encode_rows(const CudaBackend& backend, const float* rows, const std
     }
   }
   launch(backend, {grid, dim3(kEncodeThreads)}, &encode_latent_rows<T, LatentDim, 1>, params);
+}
+
+/// The batched encode both device caches run (their `encode_rows`): for each entry i in order,
+/// `prepare(i)` updates the cache's bookkeeping and appends the pool rows of entry i's q_len
+/// rows to `dst.host`; the rows of all entries go out in one kernel, except that a sequence
+/// listed again starts a new launch, so that its rows land in list order, as sequential writes
+/// would leave them (a later entry may rewrite or drop rows of an earlier one).
+template <class T, int LatentDim, class Prepare>
+void encode_batch(const CudaBackend& backend, std::span<const index_t> seqs, index_t q_len,
+                  const float* rows, std::byte* pool, detail::StagedArray<std::int64_t>& dst,
+                  Prepare&& prepare) {
+  dst.reserve(seqs.size() * std::size_t(q_len));
+  dst.host.clear();
+  std::unordered_set<index_t> group;  // the sequences of the pending launch
+  std::size_t group_begin = 0;        // its first entry
+  const auto flush = [&](std::size_t end) {
+    if (!dst.host.empty()) {
+      const std::int64_t* destinations = dst.upload(backend);
+      launch_encode_rows<T, LatentDim>(backend,
+                                       rows + std::int64_t(group_begin) * q_len * LatentDim,
+                                       destinations, pool, index_t(dst.host.size()));
+    }
+    dst.host.clear();
+    group.clear();
+    group_begin = end;
+  };
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    if (group.count(seqs[i]) != 0) flush(i);
+    group.insert(seqs[i]);
+    prepare(i);
+  }
+  flush(seqs.size());
 }
 
 /// The first non-finite value of `count` fp32 values at `values` (device), with its index, or

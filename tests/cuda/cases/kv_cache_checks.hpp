@@ -903,6 +903,20 @@ void check_upload_download(const CudaBackend& cuda) {
   reference_rows.write(b, 0, HostView<const float, 2>(expected.data(), {27, D}));
   CHECK(copy.rows(b) == reference_rows.rows(b));
   CHECK(copy.rows(b) == device.rows(b));
+  // Host and device layers on one allocator: a write into a fork's shared block copies the
+  // block in both pools (memcpy on the host, a device copy on the device).
+  const index_t fork = allocator.fork(a, 20);
+  const std::vector<float> tail = random_rows(random, 3, D);
+  const auto staged_tail = cuda::to_device(cuda, tail);
+  device.append(fork, DeviceRowsView(staged_tail.data(), {3, D}));
+  host.write(fork, 20, HostView<const float, 2>(tail.data(), {3, D}));  // the same positions
+  const std::vector<float> parent = device.rows(a);
+  std::vector<float> forked(parent.begin(), parent.begin() + 20 * D);
+  const std::vector<float> tail_rows = host.rows(fork);
+  forked.insert(forked.end(), tail_rows.end() - 3 * D, tail_rows.end());
+  CHECK(device.rows(fork) == forked);
+  CHECK(host.rows(fork) == forked);
+  CHECK(device.rows(a) == host.rows(a));  // the parent's block was not written
 
   // Contiguous: upload carries rows and lengths, download brings them back.
   HostContiguous<C, S> contiguous_host(std::vector<index_t>{12, 0, 25});

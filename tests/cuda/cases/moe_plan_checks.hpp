@@ -11,9 +11,11 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <daedalus/cuda.cuh>
+#include <daedalus/moe/cuda/balance.cuh>
 #include <daedalus/moe/cuda/dispatch.cuh>
 #include <daedalus/moe/cuda/routing_plan.cuh>
 #include <span>
@@ -259,6 +261,83 @@ inline void check_plan_bad_input(const CudaBackend& cuda) {
   }
 }
 
+/// DeviceLoadStats counts as LoadStats (the plan's routed counts), with the same MaxVio figures;
+/// DeviceBiasBalancer moves the bias exactly as BiasBalancer (same double arithmetic, one
+/// rounding to float) under each rule, over several skewed steps.
+inline void check_balance_matches_cpu(const CudaBackend& cuda) {
+  const int experts = 24, k = 4, tokens = 150;
+  for (const auto rule :
+       {moe::BiasUpdate::sign, moe::BiasUpdate::proportional, moe::BiasUpdate::multiplicative}) {
+    CAPTURE(int(rule));
+    const moe::BalancerSettings settings{rule, 0.01};
+    moe::LoadStats cpu_stats(experts);
+    moe::DeviceLoadStats gpu_stats(cuda, experts);
+    const moe::BiasBalancer cpu_balancer(experts, settings);
+    const moe::DeviceBiasBalancer gpu_balancer(cuda, experts, settings);
+    Random rng(7500 + std::uint64_t(rule));
+    std::vector<float> bias = rng.uniform_in(std::size_t(experts), 0.5, 1.5);
+    auto bias_d = cuda::to_device(cuda, bias);
+    moe::DeviceRoutingPlan plan;
+    for (int step = 0; step < 5; ++step) {
+      const Routing r = random_routing(7600 + std::uint64_t(step), tokens, k, experts, 5, false);
+      cpu_stats.record(HostView<const std::int32_t, 2>(r.ids.data(), {r.tokens, r.k}));
+      const DeviceRouting d = upload(cuda, r);
+      plan.build(cuda, d.id_view(r), d.weight_view(r), experts);
+      gpu_stats.record(cuda, plan);
+      cpu_balancer.update(HostView<float, 1>(bias.data(), {experts}), cpu_stats.step_counts());
+      gpu_balancer.update(cuda, TensorView<float, 1, DeviceMemory>(bias_d.data(), {experts}),
+                          gpu_stats);
+    }
+    const auto step = gpu_stats.step_counts(cuda);
+    const auto total = gpu_stats.total_counts(cuda);
+    CHECK(std::equal(step.begin(), step.end(), cpu_stats.step_counts().begin()));
+    CHECK(std::equal(total.begin(), total.end(), cpu_stats.total_counts().begin()));
+    CHECK(gpu_stats.steps(cuda) == cpu_stats.steps());
+    CHECK(gpu_stats.max_vio_batch(cuda) == cpu_stats.max_vio_batch());
+    CHECK(gpu_stats.mean_max_vio_batch(cuda) ==
+          doctest::Approx(cpu_stats.mean_max_vio_batch()).epsilon(1e-12));
+    CHECK(gpu_stats.max_vio_global(cuda) == cpu_stats.max_vio_global());
+    CHECK(cuda::to_host(cuda, bias_d) == bias);
+    gpu_stats.reset(cuda);
+    CHECK(gpu_stats.steps(cuda) == 0);
+    CHECK(gpu_stats.max_vio_global(cuda) == 0.0);
+  }
+}
+
+/// A bad bias: the device refuses the step (bias unchanged) and `check` reports it with
+/// BiasBalancer::update's message; size mismatches throw at once.
+inline void check_balance_bad_input(const CudaBackend& cuda) {
+  const int experts = 16;
+  const Routing r = random_routing(7700, 40, 2, experts, 0, false);
+  const DeviceRouting d = upload(cuda, r);
+  moe::DeviceRoutingPlan plan;
+  plan.build(cuda, d.id_view(r), d.weight_view(r), experts);
+  moe::DeviceLoadStats stats(cuda, experts);
+  stats.record(cuda, plan);
+  const moe::DeviceBiasBalancer balancer(cuda, experts);
+  std::vector<float> bias(std::size_t(experts), 0.25f);
+  bias[3] = std::nanf("");
+  auto bias_d = cuda::to_device(cuda, bias);
+  const TensorView<float, 1, DeviceMemory> view(bias_d.data(), {experts});
+  balancer.update(cuda, view, stats);
+  const std::vector<float> after = cuda::to_host(cuda, bias_d);
+  CHECK(std::equal(after.begin(), after.end(), bias.begin(),
+                   [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }));
+  const std::string what = message_of<InvalidArgument>([&] { balancer.check(cuda, view); });
+  CHECK(contains(what, "'bias' holds nan at expert 3; expected a finite value"));
+  CHECK_NOTHROW(balancer.check(cuda, view));  // reported once
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   balancer.update(cuda, TensorView<float, 1, DeviceMemory>(bias_d.data(), {15}),
+                                   stats);
+                 }),
+                 "'bias' has extents [15]"));
+  CHECK(contains(message_of<InvalidArgument>([&] { moe::DeviceLoadStats bad(cuda, 0); }),
+                 "'num_experts' is 0"));
+  moe::DeviceLoadStats other(cuda, experts + 1);
+  CHECK(contains(message_of<InvalidArgument>([&] { other.record(cuda, plan); }),
+                 "'plan' routes to 16 experts; expected 17"));
+}
+
 }  // namespace daedalus::testing::moe_plan_checks
 
 TEST_SUITE("cuda moe") {
@@ -271,5 +350,11 @@ TEST_SUITE("cuda moe") {
   }
   TEST_CASE("DeviceRoutingPlan bad input: typed errors naming token and slot, plan unchanged") {
     check_plan_bad_input(daedalus::CudaBackend{});
+  }
+  TEST_CASE("DeviceLoadStats and DeviceBiasBalancer equal LoadStats and BiasBalancer") {
+    check_balance_matches_cpu(daedalus::CudaBackend{});
+  }
+  TEST_CASE("DeviceBiasBalancer: a bad bias is refused on the device and reported by check") {
+    check_balance_bad_input(daedalus::CudaBackend{});
   }
 }

@@ -3,5 +3,6 @@
 // that daedalus_emulated_tests runs on the CPU (tests/cuda/cases/moe_*_checks.hpp).
 #include <daedalus/cuda.cuh>
 
+#include "cuda/cases/moe_experts_checks.hpp"
 #include "cuda/cases/moe_gate_checks.hpp"
 #include "cuda/cases/moe_plan_checks.hpp"

@@ -6,6 +6,7 @@
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 
+#include "cuda/cases/moe_experts_checks.hpp"
 #include "cuda/cases/moe_gate_checks.hpp"
 #include "cuda/cases/moe_plan_checks.hpp"
 

@@ -106,29 +106,34 @@ struct SegmentParams {
   int num_experts;
   int capacity;
   int pad_block;
-  int* starts;   // [num_experts + 1] out: where expert e's routed slots start, unpadded
-  int* counts;   // [num_experts] out: kept slots
-  int* offsets;  // [num_experts + 1] out: where expert e's rows start, padded
-  int* dropped;  // [1] out
+  int* starts;            // [num_experts + 1] out: where expert e's routed slots start, unpadded
+  int* counts;            // [num_experts] out: kept slots
+  int* offsets;           // [num_experts + 1] out: where expert e's rows start, padded
+  int* dropped;           // [1] out
+  int row_block;          // rows per block of the grouped expert GEMM
+  int* row_block_starts;  // [num_experts + 1] out: first row block of each expert's kept rows
 };
 
 /// The segment layout: a sequential scan over the experts (a few hundred at most, one thread:
 /// far below the cost of one launch).
 __global__ void lay_out_segments(SegmentParams p) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int start = 0, offset = 0, dropped = 0;
+  int start = 0, offset = 0, dropped = 0, blocks = 0;
   for (int e = 0; e < p.num_experts; ++e) {
     const int routed = p.routed_counts[e];
     const int kept = routed < p.capacity ? routed : p.capacity;
     p.starts[e] = start;
     p.offsets[e] = offset;
     p.counts[e] = kept;
+    p.row_block_starts[e] = blocks;
+    blocks += (kept + p.row_block - 1) / p.row_block;
     start += routed;
     offset += (kept + p.pad_block - 1) / p.pad_block * p.pad_block;
     dropped += routed - kept;
   }
   p.starts[p.num_experts] = start;
   p.offsets[p.num_experts] = offset;
+  p.row_block_starts[p.num_experts] = blocks;
   *p.dropped = dropped;
 }
 
@@ -253,6 +258,9 @@ __global__ void place_rows(PlaceParams p) {
 class DeviceRoutingPlan {
  public:
   using memory_space = DeviceMemory;
+  /// Rows per block of the grouped expert GEMM (moe/cuda/experts.cuh), whose tile schedule the
+  /// build computes.
+  static constexpr int kRowBlock = 64;
 
   /// The plan's arrays copied to the host, in RoutingPlan's meaning (offsets, counts and
   /// routed_counts per expert; row_slot / row_weight over rows(); slot_row over tokens · k).
@@ -338,6 +346,7 @@ class DeviceRoutingPlan {
     next.counts = grow(std::move(next.counts), experts);
     next.offsets = grow(std::move(next.offsets), experts + 1);
     next.dropped = grow(std::move(next.dropped), 1);
+    next.row_block_starts = grow(std::move(next.row_block_starts), experts + 1);
     next.row_slot = grow(std::move(next.row_slot), std::size_t(max_rows));
     next.row_weight = grow(std::move(next.row_weight), std::size_t(max_rows));
     next.slot_row = grow(std::move(next.slot_row), std::size_t(n));
@@ -363,7 +372,8 @@ class DeviceRoutingPlan {
     cuda::launch(backend, {dim3(1), dim3(32)}, k::lay_out_segments,
                  k::SegmentParams{next.routed_counts.data(), num_experts, int(capacity),
                                   int(settings.pad_block), scratch.starts.data(),
-                                  next.counts.data(), next.offsets.data(), next.dropped.data()});
+                                  next.counts.data(), next.offsets.data(), next.dropped.data(),
+                                  kRowBlock, next.row_block_starts.data()});
     if (n > 0) {
       const dim3 grid(blocks_for(n)), block(k::kThreads);
       cuda::launch(backend, {grid, block}, k::sort_by_expert,
@@ -418,6 +428,11 @@ class DeviceRoutingPlan {
   [[nodiscard]] const float* row_weight() const noexcept { return storage_.row_weight.data(); }
   /// [tokens · k] the row of each slot, or −1 if it was dropped.
   [[nodiscard]] const std::int32_t* slot_row() const noexcept { return storage_.slot_row.data(); }
+  /// [num_experts + 1] the grouped expert GEMM's schedule: expert e's kept rows are row blocks
+  /// [row_block_starts[e], row_block_starts[e + 1]) of kRowBlock rows (the last one partial).
+  [[nodiscard]] const std::int32_t* row_block_starts() const noexcept {
+    return storage_.row_block_starts.data();
+  }
   /// [1] slots dropped for capacity.
   [[nodiscard]] const std::int32_t* dropped() const noexcept { return storage_.dropped.data(); }
 
@@ -438,7 +453,8 @@ class DeviceRoutingPlan {
  private:
   /// The plan's arrays.
   struct PlanArrays {
-    cuda::DeviceBuffer<std::int32_t> routed_counts, counts, offsets, dropped, row_slot, slot_row;
+    cuda::DeviceBuffer<std::int32_t> routed_counts, counts, offsets, dropped, row_slot, slot_row,
+        row_block_starts;
     cuda::DeviceBuffer<float> row_weight;
   };
   /// Working arrays of a build, kept so that a plan reused across batches does not allocate.

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string_view>
+#include <type_traits>
 
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
@@ -31,8 +32,13 @@ struct DispatchImpl {
                 "file for CudaBackend");
 };
 
-/// The plan must be built and describe `tokens` tokens.
-inline void check_plan(std::string_view fn, const RoutingPlan& plan) {
+/// The plan must be built, and live where the backend reads (RoutingPlan on the host,
+/// DeviceRoutingPlan on the GPU).
+template <class Backend, class Plan>
+void check_plan(std::string_view fn, const Plan& plan) {
+  static_assert(std::is_same_v<typename Plan::memory_space, typename Backend::memory_space>,
+                "daedalus::moe: 'plan' lives in a memory space this backend cannot read (use "
+                "RoutingPlan with CpuBackend, DeviceRoutingPlan with CudaBackend)");
   daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
                                              ": 'plan' is empty; expected a built RoutingPlan");
 }
@@ -43,15 +49,16 @@ inline void check_plan(std::string_view fn, const RoutingPlan& plan) {
 /// x[plan.row_slot()[r] / k], and padding rows are zero (so an expert run over a padded segment
 /// sees finite inputs and produces zeros there).
 ///
+/// @param plan      a RoutingPlan (CpuBackend) or DeviceRoutingPlan (CudaBackend)
 /// @param x         [tokens, width] token rows (packed)
 /// @param expert_in [plan.rows(), width] out
 /// @throws InvalidArgument when the plan is empty or the extents disagree with it
-template <class Backend>
-void dispatch(const Backend& backend, const RoutingPlan& plan,
+template <class Backend, class Plan>
+void dispatch(const Backend& backend, const Plan& plan,
               TensorView<const float, 2, typename Backend::memory_space> x,
               TensorView<float, 2, typename Backend::memory_space> expert_in) {
   constexpr std::string_view fn = "daedalus::moe::dispatch";
-  detail::check_plan(fn, plan);
+  detail::check_plan<Backend>(fn, plan);
   const index_t width = x.extent(1);
   daedalus::detail::check_extents(fn, "x", x, {plan.tokens(), width});
   daedalus::detail::check_extents(fn, "expert_in", expert_in, {plan.rows(), width});
@@ -68,13 +75,13 @@ void dispatch(const Backend& backend, const RoutingPlan& plan,
 /// @param expert_out [plan.rows(), width] expert outputs in plan order
 /// @param out        [tokens, width] out
 /// @throws InvalidArgument when the plan is empty or the extents disagree with it
-template <class Backend>
-void combine(const Backend& backend, const RoutingPlan& plan,
+template <class Backend, class Plan>
+void combine(const Backend& backend, const Plan& plan,
              TensorView<const float, 2, typename Backend::memory_space> expert_out,
              TensorView<float, 2, typename Backend::memory_space> out,
              CombineInto mode = CombineInto::overwrite) {
   constexpr std::string_view fn = "daedalus::moe::combine";
-  detail::check_plan(fn, plan);
+  detail::check_plan<Backend>(fn, plan);
   const index_t width = expert_out.extent(1);
   daedalus::detail::check_extents(fn, "expert_out", expert_out, {plan.rows(), width});
   daedalus::detail::check_extents(fn, "out", out, {plan.tokens(), width});

@@ -6,6 +6,7 @@
 #include <random>
 #include <span>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
@@ -69,6 +70,8 @@ struct SwigluView {
 template <MoeConfig C>
 class ExpertWeights {
  public:
+  using config = C;
+  using memory_space = HostMemory;
   static constexpr int num_experts = C::n_routed_experts;
   static constexpr index_t dim = C::dim;
   static constexpr index_t inter = C::moe_inter_dim;
@@ -200,17 +203,25 @@ class SharedExpertWeights {
 /// element is computed by one thread in a fixed order, so the result does not depend on the thread
 /// count.
 ///
+/// @param weights    ExpertWeights<C> (CpuBackend) or DeviceExpertWeights<C, T> (CudaBackend:
+///                   16-bit weights, activations rounded to T before the tensor-core products)
+/// @param plan       RoutingPlan or DeviceRoutingPlan, built for C's experts
 /// @param expert_in  [plan.rows(), dim] dispatched rows
 /// @param hidden     [plan.rows(), moe_inter_dim] workspace (silu(w1 x) ⊙ w3 x on return)
 /// @param expert_out [plan.rows(), dim] out
 /// @throws InvalidArgument when the plan is empty, was built for another number of experts, or
 ///         the extents disagree with it
-template <class Backend, MoeConfig C>
-void routed_experts(const Backend& backend, const ExpertWeights<C>& weights,
-                    const RoutingPlan& plan,
+template <class Backend, class Weights, class Plan>
+void routed_experts(const Backend& backend, const Weights& weights, const Plan& plan,
                     TensorView<const float, 2, typename Backend::memory_space> expert_in,
                     TensorView<float, 2, typename Backend::memory_space> hidden,
                     TensorView<float, 2, typename Backend::memory_space> expert_out) {
+  using C = typename Weights::config;
+  static_assert(std::is_same_v<typename Weights::memory_space, typename Backend::memory_space> &&
+                    std::is_same_v<typename Plan::memory_space, typename Backend::memory_space>,
+                "daedalus::moe::routed_experts: 'weights' and 'plan' must live where the backend "
+                "reads (ExpertWeights and RoutingPlan with CpuBackend, DeviceExpertWeights and "
+                "DeviceRoutingPlan with CudaBackend)");
   constexpr std::string_view fn = "daedalus::moe::routed_experts";
   daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
                                              ": 'plan' is empty; expected a built RoutingPlan");

@@ -213,22 +213,28 @@ constexpr void gate_require_host_view() {
                 "read (e.g. a DeviceMemory view passed with CpuBackend)");
 }
 
-inline void check_gate_outputs(std::string_view fn, const GateSettings& settings, index_t tokens,
-                               const HostView<std::int32_t, 2>& topk_ids,
-                               const HostView<float, 2>& topk_weights) {
+template <class Space>
+void check_gate_outputs(std::string_view fn, const GateSettings& settings, index_t tokens,
+                        const TensorView<std::int32_t, 2, Space>& topk_ids,
+                        const TensorView<float, 2, Space>& topk_weights) {
   daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, index_t(settings.topk)});
   daedalus::detail::check_extents(fn, "topk_weights", topk_weights,
                                   {tokens, index_t(settings.topk)});
 }
 
-inline void check_bias(std::string_view fn, const GateSettings& settings,
-                       const HostView<const float, 1>& bias) {
+/// The bias: empty, or one value per expert; host biases must also be finite (a device bias is
+/// checked by the device backend, next to the logits).
+template <class Space>
+void check_bias(std::string_view fn, const GateSettings& settings,
+                const TensorView<const float, 1, Space>& bias) {
   if (bias.extent(0) == 0) return;
   daedalus::detail::check_extents(fn, "bias", bias, {index_t(settings.n_routed_experts)});
-  for (index_t e = 0; e < bias.extent(0); ++e) {
-    daedalus::detail::require<NumericError>(std::isfinite(bias.data()[e]), fn,
-                                            ": 'bias' holds a non-finite value (", bias.data()[e],
-                                            ") at expert ", e, "; expected finite biases");
+  if constexpr (std::is_same_v<Space, HostMemory>) {
+    for (index_t e = 0; e < bias.extent(0); ++e) {
+      daedalus::detail::require<NumericError>(std::isfinite(bias.data()[e]), fn,
+                                              ": 'bias' holds a non-finite value (", bias.data()[e],
+                                              ") at expert ", e, "; expected finite biases");
+    }
   }
 }
 
@@ -237,6 +243,9 @@ inline void check_bias(std::string_view fn, const GateSettings& settings,
 /// Routes a batch from precomputed fp32 logits (for engines that run the gate GEMM themselves).
 ///
 /// @param settings     score function, groups, k, normalisation, route scale (validated)
+/// The views live in the backend's memory space (host views with CpuBackend, device views with
+/// CudaBackend, whose check of the logits costs one 8-byte copy and a stream synchronisation).
+///
 /// @param logits       [tokens, n_routed_experts] fp32; must be finite
 /// @param bias         [n_routed_experts] selection bias, or an empty view for none
 /// @param topk_ids     [tokens, topk] out: expert ids, decreasing selection score, ties → lower id
@@ -246,10 +255,11 @@ inline void check_bias(std::string_view fn, const GateSettings& settings,
 ///         unchanged.
 template <class Backend>
 void route_logits(const Backend& backend, const GateSettings& settings,
-                  HostView<const float, 2> logits, HostView<const float, 1> bias,
-                  HostView<std::int32_t, 2> topk_ids, HostView<float, 2> topk_weights) {
+                  TensorView<const float, 2, typename Backend::memory_space> logits,
+                  TensorView<const float, 1, typename Backend::memory_space> bias,
+                  TensorView<std::int32_t, 2, typename Backend::memory_space> topk_ids,
+                  TensorView<float, 2, typename Backend::memory_space> topk_weights) {
   constexpr std::string_view fn = "daedalus::moe::route_logits";
-  detail::gate_require_host_view<Backend, HostView<const float, 2>>();
   settings.validate(fn);
   const index_t tokens = logits.extent(0);
   daedalus::detail::check_extents(fn, "logits", logits,

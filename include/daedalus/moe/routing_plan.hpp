@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 
@@ -50,6 +51,8 @@ struct PlanSettings {
 /// reuses the plan's storage, so a plan kept across steps allocates only when a batch grows.
 class RoutingPlan {
  public:
+  using memory_space = HostMemory;
+
   /// Builds the plan of one batch.
   /// @param topk_ids     [tokens, k] expert ids, each in [0, num_experts)
   /// @param topk_weights [tokens, k] routing weights (the gate's final weights); finite

@@ -1166,3 +1166,12 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// ---- added for moe (vector types) ----
+// CUDA's 16-byte vector type (vector_types.h): four floats, 16-byte aligned, so that one
+// load or store moves a whole float4 (kernels use it only on 16-byte aligned addresses).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+// ---- end of moe additions ----

@@ -1,0 +1,262 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "daedalus/config/concepts.hpp"
+#include "daedalus/core/dtype.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/cuda/backend.cuh"
+#include "daedalus/cuda/device_buffer.cuh"
+#include "daedalus/cuda/element.cuh"
+#include "daedalus/cuda/launch.cuh"
+#include "daedalus/cuda/mma.cuh"
+#include "daedalus/cuda/platform.cuh"
+#include "daedalus/moe/cuda/routing_plan.cuh"
+#include "daedalus/moe/experts.hpp"
+
+/// SwiGLU experts on the GPU: every routed expert over its segment of a DeviceRoutingPlan as one
+/// grouped GEMM launch per projection (tiles are scheduled over (expert, row block) pairs read
+/// from the plan on the device, so no host round trip decides the segment sizes), on the tensor
+/// cores through daedalus::cuda::mma_m16n8k16: activations rounded to the weights' 16-bit type,
+/// fp32 accumulation, the SwiGLU product in fp32.
+namespace daedalus::moe {
+
+/// The routed experts of one layer in device memory, in 16-bit storage T (bfloat16 or half):
+/// w13 [E, 2 · inter, dim] (w1's rows then w3's, as ExpertWeights) and w2 [E, dim, inter].
+template <MoeConfig C, class T = bfloat16>
+class DeviceExpertWeights {
+  static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
+                "daedalus::moe::DeviceExpertWeights: T must be bfloat16 or half (the tensor "
+                "cores' 16-bit inputs)");
+
+ public:
+  using config = C;
+  using memory_space = DeviceMemory;
+  using storage_type = T;
+  using device_type = cuda::device_storage_t<T>;
+  static constexpr int num_experts = C::n_routed_experts;
+  static constexpr index_t dim = C::dim;
+  static constexpr index_t inter = C::moe_inter_dim;
+
+  /// Rounds `host` to T (nearest even) and uploads it, one expert at a time (the host never holds
+  /// a second copy of all experts).
+  DeviceExpertWeights(const CudaBackend& backend, const ExpertWeights<C>& host)
+      : w13_(std::size_t(num_experts) * 2 * inter * dim),
+        w2_(std::size_t(num_experts) * dim * inter) {
+    const std::size_t per = std::size_t(inter) * std::size_t(dim);
+    std::vector<T> staging(2 * per);
+    for (int e = 0; e < num_experts; ++e) {
+      const SwigluView v = host.swiglu(e);
+      std::transform(v.w13, v.w13 + 2 * per, staging.begin(), [](float x) { return T(x); });
+      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(w13_.data() + std::size_t(e) * 2 * per, staging.data(),
+                                          2 * per * sizeof(T), cudaMemcpyHostToDevice,
+                                          backend.stream()));
+      backend.synchronize();  // the staging buffer is reused for the next expert
+      std::transform(v.w2, v.w2 + per, staging.begin(), [](float x) { return T(x); });
+      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(w2_.data() + std::size_t(e) * per, staging.data(),
+                                          per * sizeof(T), cudaMemcpyHostToDevice,
+                                          backend.stream()));
+      backend.synchronize();
+    }
+  }
+
+  /// [E, 2 · inter, dim] and [E, dim, inter], device.
+  [[nodiscard]] const device_type* w13() const { return w13_.data(); }
+  [[nodiscard]] const device_type* w2() const { return w2_.data(); }
+
+ private:
+  cuda::DeviceBuffer<device_type> w13_, w2_;
+};
+
+namespace detail::expert_kernels {
+
+/// Tiling of the grouped GEMM: a block of 4 warps computes a 64 × 64 tile of x · Wᵀ, each warp
+/// 16 rows × 64 columns (eight m16n8 accumulators), in k steps of 32. Shared rows are padded by 8
+/// elements, as in the other mma kernels: 80-byte rows keep pairs 4-byte aligned and spread a
+/// warp's fragment loads over the banks.
+struct GroupedGemmTraits {
+  // block_m equals DeviceRoutingPlan::kRowBlock: the plan's build lays out the row blocks.
+  static constexpr int block_m = 64;
+  static constexpr int block_n = 64;
+  static constexpr int block_k = 32;
+  static constexpr int threads = 128;
+  static constexpr int shared_ld = block_k + 8;
+};
+
+/// Which projection a launch computes.
+enum class Projection : int {
+  /// hidden = silu(x · w1ᵀ) ⊙ (x · w3ᵀ): a tile's 64 columns are 32 hidden units' w1 rows then
+  /// the same 32 units' w3 rows, so the SwiGLU product is formed in registers.
+  gate_up = 0,
+  /// out = hidden · w2ᵀ.
+  down = 1,
+};
+
+template <class T>
+struct GroupedGemmParams {
+  const float* a;                  // [rows, k] fp32 activations (expert_in or hidden)
+  const T* w;                      // [experts, w_rows, k] 16-bit weights
+  float* out;                      // [rows, n]: hidden (gate_up, n = inter) or expert_out (n = dim)
+  const std::int32_t* offsets;     // [experts + 1] segment starts
+  const std::int32_t* counts;      // [experts] kept rows
+  const std::int32_t* tile_start;  // [experts + 1] the plan's row_block_starts
+  int experts;
+  int k;       // reduction length
+  int n;       // output columns
+  int w_rows;  // rows of one expert's weight (2 · inter for gate_up, dim for down)
+};
+
+/// One 64 × 64 output tile of one expert's segment. blockIdx.x: the row-block tile over all
+/// experts (tiles past the last expert's exit), blockIdx.y: the column tile.
+template <class T, Projection kProjection>
+__global__ void __launch_bounds__(GroupedGemmTraits::threads)
+    grouped_swiglu_gemm(GroupedGemmParams<T> p) {
+  using Traits = GroupedGemmTraits;
+  constexpr int ld = Traits::shared_ld;
+  __shared__ __align__(16) T a_tile[Traits::block_m * ld];
+  __shared__ __align__(16) T w_tile[Traits::block_n * ld];
+
+  const int tile = static_cast<int>(blockIdx.x);
+  if (tile >= p.tile_start[p.experts]) return;
+  // The expert whose row blocks contain this tile: the last e with tile_start[e] <= tile.
+  int lo = 0, hi = p.experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.tile_start[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int e = lo;
+  const int row0 = p.offsets[e] + (tile - p.tile_start[e]) * Traits::block_m;
+  const int row_end = p.offsets[e] + p.counts[e];
+  // Columns of the tile: for gate_up, 32 hidden units (w1 rows u0.., then w3 rows inter + u0..).
+  const int col0 = static_cast<int>(blockIdx.y) *
+                   (kProjection == Projection::gate_up ? Traits::block_n / 2 : Traits::block_n);
+  const T* w = p.w + std::int64_t(e) * p.w_rows * p.k;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const T zero = ::daedalus::cuda::from_float<T>(0.0f);
+  ::daedalus::cuda::MmaAccumulator acc[8] = {};
+
+  for (int k0 = 0; k0 < p.k; k0 += Traits::block_k) {
+    for (int i = tid; i < Traits::block_m * Traits::block_k; i += Traits::threads) {
+      const int r = i / Traits::block_k, c = i % Traits::block_k;
+      const int gr = row0 + r, gc = k0 + c;
+      a_tile[r * ld + c] = (gr < row_end && gc < p.k)
+                               ? ::daedalus::cuda::from_float<T>(p.a[std::int64_t(gr) * p.k + gc])
+                               : zero;
+    }
+    for (int i = tid; i < Traits::block_n * Traits::block_k; i += Traits::threads) {
+      const int r = i / Traits::block_k, c = i % Traits::block_k;
+      int w_row;
+      bool valid;
+      if constexpr (kProjection == Projection::gate_up) {
+        const int unit = col0 + r % (Traits::block_n / 2);
+        const int inter = p.w_rows / 2;
+        w_row = r < Traits::block_n / 2 ? unit : inter + unit;
+        valid = unit < inter;
+      } else {
+        w_row = col0 + r;
+        valid = w_row < p.w_rows;
+      }
+      const int gc = k0 + c;
+      w_tile[r * ld + c] = (valid && gc < p.k) ? w[std::int64_t(w_row) * p.k + gc] : zero;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < Traits::block_k; kk += 16) {
+      const auto fa = ::daedalus::cuda::load_fragment_a(a_tile + warp * 16 * ld + kk, ld, lane);
+      for (int j = 0; j < 8; ++j) {
+        const auto fb =
+            ::daedalus::cuda::load_fragment_b_transposed(w_tile + j * 8 * ld + kk, ld, lane);
+        ::daedalus::cuda::mma_m16n8k16(acc[j], fa, fb);
+      }
+    }
+    __syncthreads();
+  }
+
+  for (int j = 0; j < (kProjection == Projection::gate_up ? 4 : 8); ++j) {
+    for (int i = 0; i < 4; ++i) {
+      const int r = row0 + warp * 16 + ::daedalus::cuda::accumulator_row(lane, i);
+      const int c = col0 + j * 8 + ::daedalus::cuda::accumulator_col(lane, i);
+      if (r >= row_end || c >= p.n) continue;
+      float value = acc[j].reg[i];
+      if constexpr (kProjection == Projection::gate_up) {
+        // Accumulator j + 4 holds the same (row, unit) of x · w3ᵀ: silu(g) · u.
+        const float g = value;
+        value = g / (1.0f + __expf(-g)) * acc[j + 4].reg[i];
+      }
+      p.out[std::int64_t(r) * p.n + c] = value;
+    }
+  }
+}
+
+struct ZeroPaddingParams {
+  const std::int32_t* row_slot;  // [rows] -1 for padding rows
+  float* hidden;                 // [rows, inter]
+  float* out;                    // [rows, dim]
+  int inter;
+  int dim;
+};
+
+/// Padding rows of `hidden` and `expert_out` become zeros (what an expert gives for dispatch's
+/// zero rows, as on the CPU). One block per row.
+__global__ void zero_padding_rows(ZeroPaddingParams p) {
+  const std::int64_t row = blockIdx.x;
+  if (p.row_slot[row] >= 0) return;
+  for (int i = static_cast<int>(threadIdx.x); i < p.inter; i += static_cast<int>(blockDim.x))
+    p.hidden[row * p.inter + i] = 0.0f;
+  for (int i = static_cast<int>(threadIdx.x); i < p.dim; i += static_cast<int>(blockDim.x))
+    p.out[row * p.dim + i] = 0.0f;
+}
+
+}  // namespace detail::expert_kernels
+
+namespace detail {
+
+/// The routed experts on the GPU: schedule, gate/up with SwiGLU, down, padding rows zeroed.
+template <>
+struct ExpertsImpl<CudaBackend> {
+  template <MoeConfig C, class T>
+  static void routed(const CudaBackend& cuda, const DeviceExpertWeights<C, T>& weights,
+                     const DeviceRoutingPlan& plan, TensorView<const float, 2, DeviceMemory> in,
+                     TensorView<float, 2, DeviceMemory> hidden,
+                     TensorView<float, 2, DeviceMemory> out) {
+    namespace ek = expert_kernels;
+    using Traits = ek::GroupedGemmTraits;
+    using D = typename DeviceExpertWeights<C, T>::device_type;
+    const int experts = C::n_routed_experts;
+    const int dim = int(C::dim), inter = int(C::moe_inter_dim);
+    const index_t rows = plan.rows();
+    if (rows == 0) return;
+    static_assert(Traits::block_m == DeviceRoutingPlan::kRowBlock,
+                  "the plan schedules row blocks of the GEMM's block_m rows");
+    // At most one partial row block per expert on top of the full ones.
+    const auto row_tiles = unsigned((rows + Traits::block_m - 1) / Traits::block_m + experts);
+    const auto unit_tiles = unsigned((inter + Traits::block_n / 2 - 1) / (Traits::block_n / 2));
+    const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
+    cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
+                 ek::GroupedGemmParams<D>{in.data(), weights.w13(), hidden.data(), plan.offsets(),
+                                          plan.counts(), plan.row_block_starts(), experts, dim,
+                                          inter, 2 * inter});
+    cuda::launch(
+        cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+        ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+        ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), plan.offsets(),
+                                 plan.counts(), plan.row_block_starts(), experts, inter, dim, dim});
+    cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows,
+                 ek::ZeroPaddingParams{plan.row_slot(), hidden.data(), out.data(), inter, dim});
+  }
+};
+
+}  // namespace detail
+}  // namespace daedalus::moe

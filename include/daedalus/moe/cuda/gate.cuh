@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "daedalus/core/error.hpp"
+#include "daedalus/core/math.hpp"
+#include "daedalus/core/tensor_view.hpp"
+#include "daedalus/cuda/backend.cuh"
+#include "daedalus/cuda/check.cuh"
+#include "daedalus/cuda/device_buffer.cuh"
+#include "daedalus/cuda/launch.cuh"
+#include "daedalus/cuda/platform.cuh"
+#include "daedalus/moe/gate.hpp"
+
+/// The DeepSeek gate's routing on the GPU (moe/gate.hpp, steps 1-6), fused in one kernel with one
+/// warp per token: scores, selection bias, group scores, group limit, top-k and the weights. The
+/// scores are computed with daedalus::detail::exp_f32 and the softmax sum in a fixed order, the
+/// same operations as the CPU backend, so both choose the same experts from the same logits.
+namespace daedalus::moe::detail {
+
+namespace gate_kernels {
+
+/// Warps per block; each warp routes one token at a time.
+inline constexpr int kWarps = 4;
+inline constexpr int kThreads = kWarps * 32;
+/// Largest expert count one warp routes from shared memory (DeepSeek-V3 has 256).
+inline constexpr int kMaxExperts = 1024;
+
+struct RouteParams {
+  const float* logits;  // [tokens, experts]
+  const float* bias;    // [experts] or null
+  std::int32_t* ids;    // [tokens, k] out
+  float* weights;       // [tokens, k] out
+  int tokens;
+  int experts;
+  int groups;
+  int limited_groups;
+  int k;
+  int softmax;         // 1: softmax scores, 0: sigmoid
+  int multiplicative;  // 1: selection = score · bias, 0: score + bias
+  int normalize;
+  float route_scale;
+};
+
+/// Sum of the 32 lanes' values in the fixed butterfly order (xor 16, 8, 4, 2, 1): every lane gets
+/// the same bits, and the CPU backend reproduces the order (moe/cpu/gate.hpp).
+__device__ __forceinline__ float warp_sum_butterfly(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+/// (value desc, id asc): true when candidate a ranks before candidate b.
+__device__ __forceinline__ bool ranks_before(float va, int ia, float vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+/// Shared memory of one warp: the token's scores and selection scores [2, experts], the group
+/// scores and kept flags [2, groups], the chosen ids [k].
+__host__ __device__ __forceinline__ std::size_t warp_shared_floats(int experts, int groups, int k) {
+  return std::size_t(2 * experts + 2 * groups + k);
+}
+
+/// Routes tokens warp by warp (shared memory per warp: warp_shared_floats).
+__global__ void __launch_bounds__(kThreads) route_tokens(RouteParams p) {
+  float* shared = daedalus::cuda::dynamic_shared_memory<float>();
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  float* scores =
+      shared + std::int64_t(warp) * std::int64_t(warp_shared_floats(p.experts, p.groups, p.k));
+  float* selection = scores + p.experts;
+  float* group_score = selection + p.experts;
+  float* group_kept = group_score + p.groups;
+  auto* chosen = reinterpret_cast<int*>(group_kept + p.groups);
+  const int per_group = p.experts / p.groups;
+  const bool limit_groups = p.groups > 1 && p.limited_groups < p.groups;
+  const float minus_inf = -INFINITY;
+
+  for (int token = static_cast<int>(blockIdx.x) * kWarps + warp; token < p.tokens;
+       token += static_cast<int>(gridDim.x) * kWarps) {
+    const float* logits = p.logits + std::int64_t(token) * p.experts;
+    // Step 1: scores. Softmax: e^{l - max} summed in lane-strided order per lane (expert
+    // lane, lane + 32, ...), then across lanes in butterfly order; times 1 / sum.
+    if (p.softmax != 0) {
+      float max = minus_inf;
+      for (int e = lane; e < p.experts; e += 32) max = logits[e] > max ? logits[e] : max;
+      max = warp_max(max);
+      float partial = 0.0f;
+      for (int e = lane; e < p.experts; e += 32) {
+        const float x = daedalus::detail::exp_f32(logits[e] - max);
+        scores[e] = x;
+        partial += x;
+      }
+      const float inverse = 1.0f / warp_sum_butterfly(partial);
+      for (int e = lane; e < p.experts; e += 32) scores[e] *= inverse;
+    } else {
+      for (int e = lane; e < p.experts; e += 32)
+        scores[e] = daedalus::detail::sigmoid_f32(logits[e]);
+    }
+    // Step 2: selection scores.
+    for (int e = lane; e < p.experts; e += 32) {
+      float s = scores[e];
+      if (p.bias != nullptr) s = p.multiplicative != 0 ? s * p.bias[e] : s + p.bias[e];
+      selection[e] = s;
+    }
+    __syncwarp();
+    // Step 3: group scores (max without a bias, the sum of the two largest with one; equal
+    // values count twice) and the n_limited_groups best groups, ties to the lower group.
+    if (limit_groups) {
+      for (int g = lane; g < p.groups; g += 32) {
+        const float* v = selection + std::int64_t(g) * per_group;
+        float first = minus_inf, second = minus_inf;
+        for (int j = 0; j < per_group; ++j) {
+          const float x = v[j];
+          if (x > first) {
+            second = first;
+            first = x;
+          } else if (x > second) {
+            second = x;
+          }
+        }
+        group_score[g] = p.bias != nullptr && per_group > 1 ? first + second : first;
+      }
+      __syncwarp();
+      for (int g = lane; g < p.groups; g += 32) {
+        int rank = 0;
+        for (int h = 0; h < p.groups; ++h) {
+          rank += (group_score[h] > group_score[g] || (h < g && group_score[h] == group_score[g]))
+                      ? 1
+                      : 0;
+        }
+        group_kept[g] = rank < p.limited_groups ? 1.0f : 0.0f;
+      }
+      __syncwarp();
+    }
+    // Step 4: top-k by (selection desc, id asc) over the kept groups' experts: k rounds of a
+    // warp-wide arg-max. Experts of dropped groups never compete (the -inf mask: k never exceeds
+    // what the kept groups hold, validated on the host); a chosen expert's selection score
+    // becomes -inf, so it ranks after every finite candidate in the later rounds.
+    for (int j = 0; j < p.k; ++j) {
+      float best = minus_inf;
+      int best_id = INT_MAX;
+      for (int e = lane; e < p.experts; e += 32) {
+        if (limit_groups && group_kept[e / per_group] == 0.0f) continue;
+        if (ranks_before(selection[e], e, best, best_id)) {
+          best = selection[e];
+          best_id = e;
+        }
+      }
+      for (int offset = 16; offset > 0; offset /= 2) {
+        const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+        const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
+        if (ranks_before(other, other_id, best, best_id)) {
+          best = other;
+          best_id = other_id;
+        }
+      }
+      if (lane == 0) chosen[j] = best_id;
+      if (lane == best_id % 32) selection[best_id] = minus_inf;
+      __syncwarp();
+    }
+    // Steps 5-6: weights from the unbiased scores, normalised if configured, times route_scale
+    // (the CPU's arithmetic: the sum in choice order, plus 1e-20).
+    if (lane == 0) {
+      float scale = p.route_scale;
+      if (p.normalize != 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < p.k; ++j) sum += scores[chosen[j]];
+        scale /= (sum + 1e-20f);
+      }
+      for (int j = 0; j < p.k; ++j) {
+        p.ids[std::int64_t(token) * p.k + j] = chosen[j];
+        p.weights[std::int64_t(token) * p.k + j] = scores[chosen[j]] * scale;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+struct FiniteParams {
+  const float* logits;  // [tokens, experts]
+  std::int64_t count;
+  const float* bias;  // [experts] or null
+  int experts;
+  unsigned long long* first_bad;  // [2] in/out: the lowest non-finite logit index, bias index
+};
+
+/// The first non-finite logit in row-major order: its token is the lowest failing token and its
+/// column that token's first bad expert, which route_logits' NumericError names (as the CPU's).
+__global__ void find_non_finite(FiniteParams p) {
+  const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
+  const std::int64_t end =
+      p.bias != nullptr && p.experts > p.count ? std::int64_t(p.experts) : p.count;
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
+    if (i < p.count) {
+      const float x = p.logits[i];
+      if (!((x - x) == 0.0f)) atomicMin(p.first_bad, static_cast<unsigned long long>(i));
+    }
+    if (p.bias != nullptr && i < p.experts) {
+      const float b = p.bias[i];
+      if (!((b - b) == 0.0f)) atomicMin(p.first_bad + 1, static_cast<unsigned long long>(i));
+    }
+  }
+}
+
+}  // namespace gate_kernels
+
+/// The gate on the GPU (routing from device logits).
+template <>
+struct GateImpl<CudaBackend> {
+  /// Validates the logits and the bias on the device (one 16-byte copy and a stream
+  /// synchronisation, so that a NaN throws before the outputs change, naming what the CPU
+  /// backend names), then routes every token in one launch.
+  static void route_logits(const CudaBackend& cuda, const GateSettings& settings,
+                           TensorView<const float, 2, DeviceMemory> logits,
+                           TensorView<const float, 1, DeviceMemory> bias,
+                           TensorView<std::int32_t, 2, DeviceMemory> topk_ids,
+                           TensorView<float, 2, DeviceMemory> topk_weights) {
+    namespace gk = gate_kernels;
+    constexpr std::string_view fn = "daedalus::moe::route_logits";
+    const index_t tokens = logits.extent(0);
+    const int experts = settings.n_routed_experts;
+    daedalus::detail::require<InvalidArgument>(experts <= gk::kMaxExperts, fn,
+                                               ": 'settings.n_routed_experts' is ", experts,
+                                               "; the CUDA gate routes at most ", gk::kMaxExperts,
+                                               " experts (a token's scores live in shared memory)");
+    const float* bias_data = bias.extent(0) > 0 ? bias.data() : nullptr;
+    // Two words: the lowest index of a non-finite logit, and of a non-finite bias.
+    cuda::DeviceBuffer<unsigned long long> first_bad(2);
+    const unsigned long long none[2] = {~0ull, ~0ull};
+    cuda::copy(cuda, first_bad, std::span<const unsigned long long>(none, 2));
+    const std::int64_t count = std::int64_t(tokens) * experts;
+    const unsigned scan_blocks = unsigned(
+        std::clamp<std::int64_t>((std::max<std::int64_t>(count, experts) + 255) / 256, 1, 4096));
+    cuda::launch(cuda, {dim3(scan_blocks), dim3(256)}, gk::find_non_finite,
+                 gk::FiniteParams{logits.data(), count, bias_data, experts, first_bad.data()});
+    unsigned long long found[2] = {none[0], none[1]};
+    DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(found, first_bad.data(), sizeof(found),
+                                        cudaMemcpyDeviceToHost, cuda.stream()));
+    cuda.synchronize();
+    if (found[1] != none[1]) {
+      float b = 0.0f;
+      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(&b, bias_data + found[1], sizeof(b),
+                                          cudaMemcpyDeviceToHost, cuda.stream()));
+      cuda.synchronize();
+      throw NumericError(daedalus::detail::message(fn, ": 'bias' holds a non-finite value (", b,
+                                                   ") at expert ", found[1],
+                                                   "; expected finite biases"));
+    }
+    if (found[0] != none[0]) {
+      throw NumericError(daedalus::detail::message(
+          fn, ": token ", found[0] / unsigned(experts),
+          " has a non-finite logit (NaN or infinite) at expert ", found[0] % unsigned(experts),
+          "; expected finite logits (check x and the gate weight)"));
+    }
+    if (tokens == 0) return;
+    const std::size_t shared_bytes =
+        std::size_t(gk::kWarps) *
+        gk::warp_shared_floats(experts, settings.n_expert_groups, settings.topk) * sizeof(float);
+    const unsigned blocks =
+        unsigned(std::min<index_t>((tokens + gk::kWarps - 1) / gk::kWarps, 65535));
+    cuda::launch(
+        cuda, {dim3(blocks), dim3(gk::kThreads), shared_bytes}, gk::route_tokens,
+        gk::RouteParams{logits.data(), bias_data, topk_ids.data(), topk_weights.data(), int(tokens),
+                        experts, settings.n_expert_groups, settings.n_limited_groups, settings.topk,
+                        settings.score_func == ScoreFunc::softmax ? 1 : 0,
+                        settings.bias_mode == BiasMode::multiplicative ? 1 : 0,
+                        settings.normalize ? 1 : 0, float(settings.route_scale)});
+  }
+};
+
+}  // namespace daedalus::moe::detail

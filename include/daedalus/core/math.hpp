@@ -7,6 +7,10 @@
 
 #include "daedalus/core/macros.hpp"
 
+#if defined(__AVX512F__) && !defined(__CUDA_ARCH__)
+#include <immintrin.h>
+#endif
+
 /// Elementary functions whose results are the same bits on every backend. The MoE gate chooses
 /// experts by comparing scores; for the CPU and CUDA backends to choose the same experts from the
 /// same logits (ties included), the scores must be computed by the same sequence of correctly
@@ -64,5 +68,57 @@ DAEDALUS_HOST_DEVICE inline float exp_f32(float x) {
 
 /// The logistic sigmoid 1 / (1 + e^{-x}) in fp32, the same bits on every backend.
 DAEDALUS_HOST_DEVICE inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+/// The sum of x[0..n) in the order of a 32-lane warp reduction: lane l first adds x[l], x[l + 32],
+/// x[l + 64], ... in turn, then the lanes are combined by the butterfly v_l + v_{l xor o} for
+/// o = 16, 8, 4, 2, 1 (what `__shfl_xor_sync` reductions compute; every lane ends with the same
+/// bits). The CUDA gate sums softmax terms this way; the CPU gate calls this to get its bits.
+inline float warp_order_sum(const float* x, int n) {
+  float lanes[32] = {};
+  for (int i = 0; i < n; ++i) lanes[i % 32] += x[i];
+  for (int offset = 16; offset > 0; offset /= 2) {
+    float next[32];
+    for (int l = 0; l < 32; ++l) next[l] = lanes[l] + lanes[l ^ offset];
+    for (int l = 0; l < 32; ++l) lanes[l] = next[l];
+  }
+  return lanes[0];
+}
+
+#if defined(__AVX512F__) && !defined(__CUDA_ARCH__)
+/// exp_f32 on 16 lanes: the same IEEE operations in the same order (fused multiply-adds, a
+/// round to nearest even, an exact power-of-two scaling), hence the same bits in every lane as
+/// the scalar function, whatever the data's alignment.
+inline __m512 exp_f32(__m512 x) {
+  using K = ExpConstants;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(K::log2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(K::ln2_hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(K::ln2_lo), r);
+  __m512 p = _mm512_set1_ps(K::c7);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  // Lanes outside [min_x, max_x] compute garbage here and are replaced below.
+  const __m512i bits =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(K::max_x), _CMP_GT_OQ),
+                         _mm512_set1_ps(INFINITY));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(K::min_x), _CMP_LT_OQ),
+                         _mm512_setzero_ps());
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // NaN stays NaN
+}
+
+/// sigmoid_f32 on 16 lanes (the same bits as the scalar function).
+inline __m512 sigmoid_f32(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return _mm512_div_ps(one, _mm512_add_ps(one, e));
+}
+#endif
 
 }  // namespace daedalus::detail

@@ -1166,3 +1166,8 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// ---- added for MLA on the GPU ----
+// The cuBLAS subset (GEMMs with fp32 accumulation) that daedalus/cuda/blas.cuh calls.
+#include "cublas.hpp"
+// ---- end of MLA on the GPU ----

@@ -29,6 +29,8 @@
 #include "daedalus/kv_cache/cuda/device_rows.cuh"
 #include "daedalus/kv_cache/cuda/encode_rows.cuh"
 #include "daedalus/kv_cache/cuda/paged.cuh"
+#include "daedalus/mla/cuda/absorbed_decode.cuh"
+#include "daedalus/mla/cuda/attention.cuh"
 #include "daedalus/mla/cuda/norm_rope.cuh"
 #include "daedalus/mla/cuda/prefill.cuh"
 #include "daedalus/mla/cuda/weights.cuh"

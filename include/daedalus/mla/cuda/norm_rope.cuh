@@ -130,7 +130,6 @@ struct RopeParams {
   int latent_dim = 0;
   int kv_lora_rank = 0;
   int rope = 0;
-  bool interleaved = true;  // DeepSeek's (2i, 2i+1) pairs; false: HF's (i, i + rope/2)
 };
 
 inline constexpr int kRopeThreads = 64;
@@ -139,6 +138,9 @@ inline constexpr int kRopeThreads = 64;
 /// k_pe (MLA.forward: nothing else is rotated). The angle pos · θ'_i and its cos/sin are
 /// computed in double and rounded to fp32, as RopeTable::angles does on the host; the rotation
 /// itself is RopeTable::apply's fp32 complex multiply.
+/// (A template on the pair layout: a kernel defined in a header must be a template, or every
+/// translation unit that includes the header would define it again.)
+template <bool kInterleaved>
 __global__ void __launch_bounds__(kRopeThreads) rotate_query_and_key(RopeParams p) {
   const std::int64_t t = blockIdx.x;
   const int pairs = p.rope / 2;
@@ -151,8 +153,8 @@ __global__ void __launch_bounds__(kRopeThreads) rotate_query_and_key(RopeParams 
     const float s = static_cast<float>(::sin(angle));
     float* x = head < p.n_heads ? p.q + (t * p.n_heads + head) * p.qk_head_dim + p.nope
                                 : p.latent + t * p.latent_dim + p.kv_lora_rank;
-    const int a = p.interleaved ? 2 * i : i;
-    const int b = p.interleaved ? 2 * i + 1 : i + pairs;
+    const int a = kInterleaved ? 2 * i : i;
+    const int b = kInterleaved ? 2 * i + 1 : i + pairs;
     const float xa = x[a];
     const float xb = x[b];
     x[a] = xa * c - xb * s;
@@ -179,9 +181,9 @@ void launch_rope(const CudaBackend& backend, float* q, float* latent, const doub
   p.latent_dim = S::latent_dim;
   p.kv_lora_rank = S::kv_lora_rank;
   p.rope = S::rope;
-  p.interleaved = C::rope_layout == RopeLayout::interleaved;
+  // DeepSeek's interleaved (2i, 2i+1) pairs, or HF's (i, i + rope/2) halves.
   ::daedalus::cuda::launch(backend, {dim3(unsigned(tokens)), dim3(kRopeThreads)},
-                           &rotate_query_and_key, p);
+                           &rotate_query_and_key<C::rope_layout == RopeLayout::interleaved>, p);
 }
 
 }  // namespace daedalus::mla::cuda

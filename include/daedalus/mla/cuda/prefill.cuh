@@ -118,8 +118,10 @@ inline constexpr int kSoftmaxThreads = 128;
 /// Softmax in fp32 over the visible keys of one score row per block (bottom-right causal mask,
 /// reference/mla.md step 5): p_t = exp(s_t·scale - max) / Σ exp(...), masked keys get exactly 0,
 /// and a row that sees no key becomes all zeros (as the CPU backend's rows without keys).
-__global__ void __launch_bounds__(kSoftmaxThreads) causal_softmax(CausalSoftmaxParams p) {
-  __shared__ float reduce[kSoftmaxThreads];
+/// kThreads is the block size (a template: a kernel defined in a header must be one).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) causal_softmax(CausalSoftmaxParams p) {
+  __shared__ float reduce[kThreads];
   const std::int64_t row_index = blockIdx.x;  // h · rows + i
   const int i = static_cast<int>(row_index % p.rows);
   float* row = p.scores + row_index * p.length;
@@ -127,30 +129,30 @@ __global__ void __launch_bounds__(kSoftmaxThreads) causal_softmax(CausalSoftmaxP
   const int visible = last < 0 ? 0 : (last + 1 < p.length ? static_cast<int>(last + 1) : p.length);
   const int t0 = static_cast<int>(threadIdx.x);
   float m = -INFINITY;
-  for (int t = t0; t < visible; t += kSoftmaxThreads) m = fmaxf(m, row[t] * p.scale);
+  for (int t = t0; t < visible; t += kThreads) m = fmaxf(m, row[t] * p.scale);
   reduce[t0] = m;
   __syncthreads();
-  for (int half_size = kSoftmaxThreads / 2; half_size > 0; half_size /= 2) {
+  for (int half_size = kThreads / 2; half_size > 0; half_size /= 2) {
     if (t0 < half_size) reduce[t0] = fmaxf(reduce[t0], reduce[t0 + half_size]);
     __syncthreads();
   }
   const float row_max = reduce[0];
   __syncthreads();  // every thread has read the max before the slots are reused
   float sum = 0.0f;
-  for (int t = t0; t < visible; t += kSoftmaxThreads) {
+  for (int t = t0; t < visible; t += kThreads) {
     const float e = expf(row[t] * p.scale - row_max);
     row[t] = e;
     sum += e;
   }
   reduce[t0] = sum;
   __syncthreads();
-  for (int half_size = kSoftmaxThreads / 2; half_size > 0; half_size /= 2) {
+  for (int half_size = kThreads / 2; half_size > 0; half_size /= 2) {
     if (t0 < half_size) reduce[t0] += reduce[t0 + half_size];
     __syncthreads();
   }
   const float total = reduce[0];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  for (int t = t0; t < p.length; t += kSoftmaxThreads) row[t] = t < visible ? row[t] * inv : 0.0f;
+  for (int t = t0; t < p.length; t += kThreads) row[t] = t < visible ? row[t] * inv : 0.0f;
 }
 
 inline void launch_causal_softmax(const CudaBackend& backend, float* scores, int n_heads,
@@ -159,7 +161,8 @@ inline void launch_causal_softmax(const CudaBackend& backend, float* scores, int
   if (rows == 0 || length == 0) return;
   ::daedalus::cuda::launch(
       backend, {dim3(unsigned(std::int64_t(n_heads) * rows)), dim3(kSoftmaxThreads)},
-      &causal_softmax, CausalSoftmaxParams{scores, int(rows), int(length), first_position, scale});
+      &causal_softmax<kSoftmaxThreads>,
+      CausalSoftmaxParams{scores, int(rows), int(length), first_position, scale});
 }
 
 /// What `split_query` writes for the absorbed path: from q [tokens, n_heads, nope + rope] (fp32),

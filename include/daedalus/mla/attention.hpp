@@ -185,6 +185,7 @@ void absorbed_attention(const Backend& backend,
   daedalus::detail::check_extents(fn, "out_latent", out_latent,
                                   {batch, q_len, S::n_heads, S::kv_lora_rank});
   detail::require_cached_queries(fn, cache, seqs, q_len);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, seqs, q, scale, out_latent);
 }
 
@@ -245,6 +246,7 @@ void naive_attention(const Backend& backend, const Weights& weights,
   daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::qk_head_dim});
   daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::n_heads, S::v_head_dim});
   detail::require_cached_queries(fn, cache, seqs, q_len);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, seqs, q, scale, out);
 }
 
@@ -300,6 +302,7 @@ void prefill(const Backend& backend, const Weights& weights,
   daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
   cache.check_write(fn, seq, start_pos, tokens);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
                                        std::span<const index_t>(&start_pos, 1), tokens, x.data(),
@@ -341,6 +344,7 @@ void decode(const Backend& backend, const Weights& weights,
     starts[b] = cache.length(seqs[b]);
     cache.check_write(fn, seqs[b], starts[b], q_len);
   }
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
                                        out.data(), mode);
@@ -382,6 +386,7 @@ void paged_decode(const Backend& backend, const Weights& weights,
                                           seqs[b], " holds ", length, " tokens)");
   }
   allocator.check_writes(fn, seqs, starts, q_len);
+  MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(), out.data(),
                                mode);
@@ -410,6 +415,7 @@ void prefill(const Backend& backend, const Weights& weights,
   daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
   cache.check_write(fn, seq, start_pos, tokens);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
                                        std::span<const index_t>(&start_pos, 1), tokens, x.data(),

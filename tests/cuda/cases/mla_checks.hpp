@@ -542,6 +542,88 @@ void check_naive_equals_absorbed(const CudaBackend& cuda) {
   CHECK(naive_cache.rows(0) == absorbed_cache.rows(0));  // the same projection writes the rows
 }
 
+/// mla::project on the device against the CPU's project with the bf16-rounded weights, at a
+/// start_pos past the original context. The device rounds x (and, with query LoRA, the normed
+/// q_a) to bf16 before the GEMMs: one or two roundings of about u = 2^-8 each, through a linear
+/// map (q) or a linear map and a norm (the latent): 4·u bounds them; observed below 2·u.
+template <MlaConfig C>
+void check_project(const CudaBackend& cuda) {
+  using S = MlaShape<C>;
+  const CpuBackend cpu(2);
+  const auto& model = SharedModel<C>::get();
+  const mla::MlaWeights<C> host_w = mla::DeviceMlaWeights<C>::rounded(model.weights);
+  const mla::DeviceMlaWeights<C> dev_w(cuda, model.weights);
+  constexpr index_t tokens = 9, start_pos = C::original_seq_len + 5;
+  const std::vector<float> x = random_tokens(std::size_t(tokens), S::dim, 7500);
+  std::vector<float> q(std::size_t(tokens * S::n_heads * S::qk_head_dim));
+  std::vector<float> latent(std::size_t(tokens * S::latent_dim));
+  mla::project(cpu, host_w, start_pos, HostView<const float, 2>(x.data(), {tokens, S::dim}),
+               HostView<float, 3>(q.data(), {tokens, S::n_heads, S::qk_head_dim}),
+               HostView<float, 2>(latent.data(), {tokens, S::latent_dim}));
+  auto d_x = dcuda::to_device(cuda, x);
+  dcuda::DeviceBuffer<float> d_q(q.size()), d_latent(latent.size());
+  mla::project(cuda, dev_w, start_pos,
+               TensorView<const float, 2, DeviceMemory>(d_x.data(), {tokens, S::dim}),
+               d_q.view<3>({tokens, S::n_heads, S::qk_head_dim}),
+               d_latent.view<2>({tokens, S::latent_dim}));
+  const double q_err =
+      tol::row_relative_error(dcuda::to_host(cuda, d_q), q, std::size_t(S::qk_head_dim));
+  const double latent_err =
+      tol::row_relative_error(dcuda::to_host(cuda, d_latent), latent, std::size_t(S::latent_dim));
+  MESSAGE("project CUDA vs CPU: q " << q_err << ", latent " << latent_err);
+  CHECK(q_err <= 4.0 * tol::bf16_u);
+  CHECK(latent_err <= 4.0 * tol::bf16_u);
+}
+
+/// Prefill then decode over device ContiguousLatentCaches on a stream of their own (the backend
+/// `.on(stream)`), naive and absorbed, against the CPU's contiguous bf16 cache; and a cache built
+/// on another stream than the call's is refused before anything changes.
+template <MlaConfig C>
+void check_contiguous_on_stream() {
+  using S = MlaShape<C>;
+  dcuda::Stream stream;
+  const CudaBackend cuda = CudaBackend{}.on(stream);
+  const CpuBackend cpu(2);
+  const auto& model = SharedModel<C>::get();
+  const mla::MlaWeights<C> host_w = mla::DeviceMlaWeights<C>::rounded(model.weights);
+  const mla::DeviceMlaWeights<C> dev_w(cuda, model.weights);
+  for (const auto mode : {mla::AttentionMode::naive, mla::AttentionMode::absorbed}) {
+    CAPTURE(int(mode));
+    ContiguousLatentCache<C, CudaBackend, bfloat16> dev_cache(std::vector<index_t>{40, 24}, cuda);
+    ContiguousLatentCache<C, CpuBackend, bfloat16> host_cache(std::vector<index_t>{40, 24});
+    double worst = 0.0;
+    const index_t prompt[2] = {29, 17};
+    for (index_t seq = 0; seq < 2; ++seq) {
+      const auto x = random_tokens(std::size_t(prompt[seq]), S::dim, 7600 + std::uint64_t(seq));
+      worst = std::max(
+          worst, tol::row_relative_error(device_prefill<C>(cuda, dev_w, dev_cache, seq, 0, x, mode),
+                                         host_prefill<C>(cpu, host_w, host_cache, seq, 0, x, mode),
+                                         std::size_t(S::dim)));
+    }
+    for (const index_t q_len : {1, 2}) {
+      const std::vector<index_t> seqs = {0, 1};
+      const auto x = random_tokens(2 * std::size_t(q_len), S::dim, 7610 + std::uint64_t(q_len));
+      worst = std::max(worst, tol::row_relative_error(
+                                  device_decode<C>(cuda, dev_w, dev_cache, seqs, q_len, x, mode),
+                                  host_decode<C>(cpu, host_w, host_cache, seqs, q_len, x, mode),
+                                  std::size_t(S::dim)));
+    }
+    MESSAGE("contiguous caches on a stream, CUDA vs CPU: " << worst);
+    CHECK(worst <= kLayerTolerance);
+    CHECK(dev_cache.length(0) == 32);
+    CHECK(dev_cache.length(1) == 20);
+    // The call's backend on the default stream, the cache on `stream`: refused, nothing written.
+    const auto before = dev_cache.rows(0);
+    const std::string what = message_of<InvalidArgument>([&] {
+      device_decode<C>(CudaBackend{}, dev_w, dev_cache, {0}, 1, random_tokens(1, S::dim, 7620),
+                       mode);
+    });
+    CHECK(contains(what, "daedalus::mla::decode: 'cache' issues its work to another CUDA stream"));
+    CHECK(dev_cache.length(0) == 32);
+    CHECK(dev_cache.rows(0) == before);
+  }
+}
+
 /// Bad input with CudaBackend: the typed errors and messages of the CPU backend (the fronts are
 /// shared), NaN in x found on the device, and nothing changed: lengths, block lists and rows.
 template <MlaConfig C>
@@ -668,6 +750,14 @@ TEST_SUITE("cuda mla") {
   TEST_CASE("MLA layer on CUDA with absorbed prefill vs the CPU") {
     check_layer_against_cpu<daedalus::Tiny>(daedalus::CudaBackend{},
                                             daedalus::mla::AttentionMode::absorbed);
+  }
+  TEST_CASE_TEMPLATE("mla::project on CUDA equals the CPU's with bf16-rounded weights", C,
+                     daedalus::Tiny, daedalus::TinyNoQLora) {
+    check_project<C>(daedalus::CudaBackend{});
+  }
+  TEST_CASE(
+      "MLA on CUDA over contiguous caches on an owned stream, naive and absorbed, vs the CPU") {
+    check_contiguous_on_stream<daedalus::Tiny>();
   }
   TEST_CASE("CUDA naive and absorbed prefill agree") {
     check_naive_equals_absorbed<daedalus::Tiny>(daedalus::CudaBackend{});

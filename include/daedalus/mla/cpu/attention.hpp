@@ -168,6 +168,11 @@ struct MlaImpl<C, CpuBackend> {
   using S = MlaShape<C>;
   using Traits = CpuAttentionTraits;
 
+  /// The backend's own checks of a cache argument: none on the CPU (every cache is host memory
+  /// and has no stream).
+  template <class Cache>
+  static void require_cache(const CpuBackend&, std::string_view, const Cache&) {}
+
   /// The fronts' finiteness check of an input (x): a scan on the host, NumericError naming the
   /// first non-finite value by row (over every leading extent) and column.
   template <int Rank>

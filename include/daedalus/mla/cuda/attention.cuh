@@ -180,6 +180,18 @@ struct MlaImpl<C, CudaBackend> {
                    latent.data());
   }
 
+  /// The cache's kernels and copies (encode_rows, view uploads) go to the cache's own stream, the
+  /// layer's to the backend's: they must be one stream, or nothing orders them.
+  /// @throws InvalidArgument otherwise (before anything is written).
+  template <class Cache>
+  static void require_cache(const CudaBackend& backend, std::string_view function,
+                            const Cache& cache) {
+    daedalus::detail::require<InvalidArgument>(
+        cache.backend().stream() == backend.stream(), function,
+        ": 'cache' issues its work to another CUDA stream than 'backend'; expected the same "
+        "stream (build the cache with this backend, or pass cache.backend())");
+  }
+
   // ---- naive (up-projection) attention ---------------------------------------------------------
 
   /// Naive attention of batch entry `entry` (MLA.forward, attn_impl = "naive"): its `length`

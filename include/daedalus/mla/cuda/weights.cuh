@@ -36,7 +36,8 @@ class DeviceMlaWeights {
   using element_type = T;
   using device_element_type = daedalus::cuda::device_storage_t<T>;
 
-  /// Uploads `host` on the backend's stream: projections rounded to T, norms as they are.
+  /// Uploads `host` on the backend's stream: projections rounded to T, norms as they are. Waits
+  /// for the copies (once), so that the weights may then be used on any stream.
   /// @throws CudaError when the device memory cannot be allocated or the copies fail.
   DeviceMlaWeights(const CudaBackend& backend, const MlaWeights<C>& host)
       : wq_a_(upload_rounded(backend, host.wq_a())),
@@ -46,7 +47,9 @@ class DeviceMlaWeights {
         wkv_a_(upload_rounded(backend, host.wkv_a())),
         kv_norm_(upload_exact(backend, host.kv_norm())),
         wkv_b_(upload_rounded(backend, host.wkv_b())),
-        wo_(upload_rounded(backend, host.wo())) {}
+        wo_(upload_rounded(backend, host.wo())) {
+    backend.synchronize();
+  }
 
   /// The weights the device computes with, on the host: every projection rounded to T and
   /// widened back to fp32, the norms unchanged. A CPU run with these weights differs from the

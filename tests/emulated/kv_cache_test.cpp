@@ -37,4 +37,22 @@ TEST_SUITE("cuda emulation") {
       check_encode_rows_shared_blocks<daedalus::bfloat16>(cuda);
     }
   }
+
+  TEST_CASE("encode_rows of a sequence listed twice keeps list order under every schedule") {
+    // Within one launch, which of two rows aimed at the same pool row lands last depends on the
+    // order threads run; the caches launch a repeated sequence's entries separately, so every
+    // schedule must give the bytes of sequential writes.
+    namespace emulation = daedalus::cuda_emulation;
+    using namespace daedalus::testing::kv_cache_checks;
+    for (const auto s : {emulation::Schedule::in_order, emulation::Schedule::reversed,
+                         emulation::Schedule::shuffled}) {
+      emulation::Options options;
+      options.schedule = s;
+      options.seed = 23;
+      emulation::ScopedOptions scoped(options);
+      const daedalus::CudaBackend cuda;
+      check_encode_rows_shared_blocks<daedalus::half>(cuda);
+      check_contiguous_matches_host<daedalus::Tiny, daedalus::bfloat16>(cuda, 5013);
+    }
+  }
 }

@@ -24,9 +24,9 @@
 #include <map>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "kv_cache/paged_support.hpp"
 #include "support/errors.hpp"
 #include "support/random.hpp"
 
@@ -41,6 +41,32 @@ struct OddLatent : Tiny {
 };
 
 inline constexpr int kBlock = 16;
+
+/// Everything observable about a BlockAllocator: free count, every reference count, and each live
+/// sequence's length and block list (to check that a rejected call changed nothing, and that two
+/// allocators given the same calls agree).
+struct AllocatorSnapshot {
+  index_t free_blocks = 0;
+  std::vector<std::int32_t> ref_counts;
+  std::vector<std::pair<index_t, std::pair<index_t, std::vector<std::int32_t>>>> sequences;
+
+  explicit AllocatorSnapshot(const BlockAllocator& allocator)
+      : free_blocks(allocator.num_free_blocks()) {
+    for (index_t b = 0; b < allocator.num_blocks(); ++b)
+      ref_counts.push_back(allocator.ref_count(b));
+    for (const index_t seq : allocator.sequences()) {
+      const auto blocks = allocator.blocks(seq);
+      sequences.push_back({seq, {allocator.length(seq), {blocks.begin(), blocks.end()}}});
+    }
+  }
+  bool operator==(const AllocatorSnapshot&) const = default;
+};
+
+/// The bytes of a host cache's pool.
+template <class Cache>
+std::vector<std::byte> pool_bytes(const Cache& cache) {
+  return {cache.pool_data(), cache.pool_data() + cache.bytes()};
+}
 
 template <class C, class S>
 using DevicePaged = PagedLatentCache<C, CudaBackend, S, kBlock>;
@@ -242,9 +268,10 @@ void check_contiguous_matches_host(const CudaBackend& cuda, std::uint64_t offset
   device.clear(1);
   host.clear(1);
   same();
-  // encode_rows: entries 3, 1, 2, 3 again (listed twice: written in order), q_len 2.
+  // encode_rows: entries 3, 1, 2, 3 again, q_len 2; the second entry of 3 rewrites the last row
+  // of the first (a sequence listed twice is written in list order, as by two writes).
   const std::vector<index_t> seqs = {3, 1, 2, 3};
-  const std::vector<index_t> starts = {device.length(3), 0, 7, device.length(3) + 2};
+  const std::vector<index_t> starts = {device.length(3), 0, 7, device.length(3) + 1};
   const std::vector<float> batch = rows(8);
   const auto staged_batch = cuda::to_device(cuda, batch);
   device.encode_rows(seqs, starts, 2, staged_batch.data());
@@ -656,10 +683,11 @@ void check_encode_rows_shared_blocks(const CudaBackend& cuda) {
   const index_t other = device_allocator.add_sequence();
   REQUIRE(host_allocator.add_sequence() == other);
   // forks[0], root and forks[1] append into block 2, which all of them share; forks[2] appends
-  // inside block 1 (shared); `other` starts empty and is listed twice; forks[3] rewrites its last
+  // inside block 1 (shared); `other` starts empty and is listed twice, its second entry
+  // rewriting the second row of the first; forks[3] rewrites its last
   // row (a shared block again).
   const std::vector<index_t> seqs = {forks[0], other, root, forks[2], other, forks[1], forks[3]};
-  const std::vector<index_t> starts = {40, 0, 40, 23, 2, 40, 39};
+  const std::vector<index_t> starts = {40, 0, 40, 23, 1, 40, 39};
   constexpr index_t q_len = 2;
   const std::vector<float> rows = random_rows(random, index_t(seqs.size()) * q_len, D);
   const auto staged = cuda::to_device(cuda, rows);
@@ -746,6 +774,14 @@ void check_bad_input(const CudaBackend& cuda) {
     });
     CHECK(contains(message, "non-finite value (-inf) at row 1, column 7"));
   }
+  // The first and the last value of the rows.
+  std::vector<float> edge = rows;
+  edge.back() = std::numeric_limits<float>::infinity();
+  paged_case("last value", NumericError{""}, seq, 20, n / 2, D,
+             std::vector<float>(edge.begin() + n / 2 * D, edge.end()));
+  edge.front() = std::nanf("");
+  paged_case("first value", NumericError{""}, seq, 20, n / 2, D,
+             std::vector<float>(edge.begin(), edge.begin() + n / 2 * D));
   // append checks the sequence before anything else.
   {
     const auto staged = cuda::to_device(cuda, rows);
@@ -867,6 +903,20 @@ void check_upload_download(const CudaBackend& cuda) {
   reference_rows.write(b, 0, HostView<const float, 2>(expected.data(), {27, D}));
   CHECK(copy.rows(b) == reference_rows.rows(b));
   CHECK(copy.rows(b) == device.rows(b));
+  // Host and device layers on one allocator: a write into a fork's shared block copies the
+  // block in both pools (memcpy on the host, a device copy on the device).
+  const index_t fork = allocator.fork(a, 20);
+  const std::vector<float> tail = random_rows(random, 3, D);
+  const auto staged_tail = cuda::to_device(cuda, tail);
+  device.append(fork, DeviceRowsView(staged_tail.data(), {3, D}));
+  host.write(fork, 20, HostView<const float, 2>(tail.data(), {3, D}));  // the same positions
+  const std::vector<float> parent = device.rows(a);
+  std::vector<float> forked(parent.begin(), parent.begin() + 20 * D);
+  const std::vector<float> tail_rows = host.rows(fork);
+  forked.insert(forked.end(), tail_rows.end() - 3 * D, tail_rows.end());
+  CHECK(device.rows(fork) == forked);
+  CHECK(host.rows(fork) == forked);
+  CHECK(device.rows(a) == host.rows(a));  // the parent's block was not written
 
   // Contiguous: upload carries rows and lengths, download brings them back.
   HostContiguous<C, S> contiguous_host(std::vector<index_t>{12, 0, 25});

@@ -7,7 +7,6 @@
 #include <limits>
 #include <span>
 #include <string_view>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -147,8 +146,8 @@ class ContiguousLatentCache<C, CudaBackend, Storage> {
     dst_rows_.host.clear();
     add_destinations(seq, start_pos, n);
     const std::int64_t* dst = dst_rows_.upload(backend_);
-    cuda::launch_encode_rows<device_storage_type>(backend_, rows.data(), dst, rows_.data(), n,
-                                                  latent_dim);
+    cuda::launch_encode_rows<device_storage_type, latent_dim>(backend_, rows.data(), dst,
+                                                              rows_.data(), n);
     lengths_[std::size_t(seq)] = start_pos + n;
   }
 
@@ -170,29 +169,11 @@ class ContiguousLatentCache<C, CudaBackend, Storage> {
                                      " (one per sequence)");
     detail::require<InvalidArgument>(q_len >= 0, kEncode, ": 'q_len' is ", q_len,
                                      "; expected at least 0");
-    dst_rows_.reserve(seqs.size() * std::size_t(q_len));
-    dst_rows_.host.clear();
-    std::unordered_set<index_t> pending;
-    std::size_t group_begin = 0;
-    const auto flush = [&](std::size_t end) {
-      if (dst_rows_.host.empty()) return;
-      const std::int64_t* dst = dst_rows_.upload(backend_);
-      cuda::launch_encode_rows<device_storage_type>(
-          backend_, rows + std::int64_t(group_begin) * q_len * latent_dim, dst, rows_.data(),
-          index_t(dst_rows_.host.size()), latent_dim);
-      dst_rows_.host.clear();
-      pending.clear();
-      group_begin = end;
-    };
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      if (!pending.insert(seqs[i]).second) {
-        flush(i);
-        pending.insert(seqs[i]);
-      }
-      add_destinations(seqs[i], starts[i], q_len);
-      lengths_[std::size_t(seqs[i])] = starts[i] + q_len;
-    }
-    flush(seqs.size());
+    cuda::encode_batch<device_storage_type, latent_dim>(
+        backend_, seqs, q_len, rows, rows_.data(), dst_rows_, [&](std::size_t i) {
+          add_destinations(seqs[i], starts[i], q_len);
+          lengths_[std::size_t(seqs[i])] = starts[i] + q_len;
+        });
   }
 
   /// Keeps the first `new_length` tokens of sequence `seq`.

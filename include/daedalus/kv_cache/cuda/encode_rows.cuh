@@ -12,6 +12,8 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <span>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -35,7 +37,6 @@ struct EncodeRowsParams {
   const std::int64_t* dst_rows = nullptr;  // [num_rows] pool row of each source row, device
   std::byte* pool = nullptr;               // [pool rows, latent_dim] of the storage type, device
   int num_rows = 0;
-  int latent_dim = 0;
 };
 
 /// Threads of one encode block, and the rows one block converts: a block covers several rows so
@@ -54,24 +55,26 @@ struct alignas(8) Packed4 {
 };
 
 /// Rounds rows to storage type T (round to nearest even, as the CPU caches' from_float) and
-/// stores them at their pool rows. Each thread converts kWidth consecutive values: 4 when the
+/// stores them at their pool rows. Each thread converts Width consecutive values: 4 when the
 /// row width is a multiple of 4 and the source is 16-byte aligned (a 128-bit load and a 64-bit
-/// store), else 1. No finiteness check: the caller checked (or documents that it did not).
-template <class T, int kWidth>
+/// store), else 1. LatentDim is a compile-time constant (the config's), so the index arithmetic
+/// divides by constants. No finiteness check: the caller checked (or documents that it did not).
+template <class T, int LatentDim, int Width>
 __global__ void __launch_bounds__(kEncodeThreads) encode_latent_rows(EncodeRowsParams p) {
-  static_assert(kWidth == 1 || kWidth == 4, "encode_latent_rows: kWidth must be 1 or 4");
+  static_assert(Width == 1 || (Width == 4 && LatentDim % 4 == 0),
+                "encode_latent_rows: Width must be 1, or 4 for rows of a multiple of 4 values");
   const int first = static_cast<int>(blockIdx.x) * kEncodeRowsPerBlock;
   const int rows =
       p.num_rows - first < kEncodeRowsPerBlock ? p.num_rows - first : kEncodeRowsPerBlock;
-  const int groups = p.latent_dim / kWidth;
+  constexpr int groups = LatentDim / Width;
   T* const pool = reinterpret_cast<T*>(p.pool);
   for (int i = static_cast<int>(threadIdx.x); i < rows * groups;
        i += static_cast<int>(blockDim.x)) {
     const int r = first + i / groups;
-    const int column = (i % groups) * kWidth;
-    const float* src = p.rows + std::int64_t(r) * p.latent_dim + column;
-    T* dst = pool + p.dst_rows[r] * p.latent_dim + column;
-    if constexpr (kWidth == 4) {
+    const int column = (i % groups) * Width;
+    const float* src = p.rows + std::int64_t(r) * LatentDim + column;
+    T* dst = pool + p.dst_rows[r] * LatentDim + column;
+    if constexpr (Width == 4) {
       const Float4 in = *reinterpret_cast<const Float4*>(src);
       Packed4<T> out;
       for (int k = 0; k < 4; ++k) out.v[k] = ::daedalus::cuda::from_float<T>(in.v[k]);
@@ -140,20 +143,54 @@ class StagedArray {
 
 }  // namespace detail
 
-/// Launches encode_latent_rows for `num_rows` rows of `latent_dim` fp32 values at `rows`
-/// (device) into `pool` rows of storage type T at `dst_rows` (device). Nothing for 0 rows.
-template <class T>
+/// Launches encode_latent_rows for `num_rows` rows of LatentDim fp32 values at `rows` (device)
+/// into `pool` rows of storage type T at `dst_rows` (device). Nothing for 0 rows.
+template <class T, int LatentDim>
 void launch_encode_rows(const CudaBackend& backend, const float* rows, const std::int64_t* dst_rows,
-                        std::byte* pool, index_t num_rows, int latent_dim) {
+                        std::byte* pool, index_t num_rows) {
   if (num_rows == 0) return;
-  const EncodeRowsParams params{rows, dst_rows, pool, static_cast<int>(num_rows), latent_dim};
+  const EncodeRowsParams params{rows, dst_rows, pool, static_cast<int>(num_rows)};
   const dim3 grid(
       static_cast<unsigned>((num_rows + kEncodeRowsPerBlock - 1) / kEncodeRowsPerBlock));
-  const bool vector = latent_dim % 4 == 0 && reinterpret_cast<std::uintptr_t>(rows) % 16 == 0;
-  if (vector)
-    launch(backend, {grid, dim3(kEncodeThreads)}, &encode_latent_rows<T, 4>, params);
-  else
-    launch(backend, {grid, dim3(kEncodeThreads)}, &encode_latent_rows<T, 1>, params);
+  if constexpr (LatentDim % 4 == 0) {
+    if (reinterpret_cast<std::uintptr_t>(rows) % 16 == 0) {
+      launch(backend, {grid, dim3(kEncodeThreads)}, &encode_latent_rows<T, LatentDim, 4>, params);
+      return;
+    }
+  }
+  launch(backend, {grid, dim3(kEncodeThreads)}, &encode_latent_rows<T, LatentDim, 1>, params);
+}
+
+/// The batched encode both device caches run (their `encode_rows`): for each entry i in order,
+/// `prepare(i)` updates the cache's bookkeeping and appends the pool rows of entry i's q_len
+/// rows to `dst.host`; the rows of all entries go out in one kernel, except that a sequence
+/// listed again starts a new launch, so that its rows land in list order, as sequential writes
+/// would leave them (a later entry may rewrite or drop rows of an earlier one).
+template <class T, int LatentDim, class Prepare>
+void encode_batch(const CudaBackend& backend, std::span<const index_t> seqs, index_t q_len,
+                  const float* rows, std::byte* pool, detail::StagedArray<std::int64_t>& dst,
+                  Prepare&& prepare) {
+  dst.reserve(seqs.size() * std::size_t(q_len));
+  dst.host.clear();
+  std::unordered_set<index_t> group;  // the sequences of the pending launch
+  std::size_t group_begin = 0;        // its first entry
+  const auto flush = [&](std::size_t end) {
+    if (!dst.host.empty()) {
+      const std::int64_t* destinations = dst.upload(backend);
+      launch_encode_rows<T, LatentDim>(backend,
+                                       rows + std::int64_t(group_begin) * q_len * LatentDim,
+                                       destinations, pool, index_t(dst.host.size()));
+    }
+    dst.host.clear();
+    group.clear();
+    group_begin = end;
+  };
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    if (group.count(seqs[i]) != 0) flush(i);
+    group.insert(seqs[i]);
+    prepare(i);
+  }
+  flush(seqs.size());
 }
 
 /// The first non-finite value of `count` fp32 values at `values` (device), with its index, or

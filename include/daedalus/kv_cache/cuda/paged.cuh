@@ -8,7 +8,6 @@
 #include <limits>
 #include <span>
 #include <string_view>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -167,8 +166,8 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
     dst_rows_.host.clear();
     add_destinations(seq, start_pos, n);
     const std::int64_t* dst = dst_rows_.upload(backend_);
-    cuda::launch_encode_rows<device_storage_type>(backend_, rows.data(), dst, pool_.data(), n,
-                                                  latent_dim);
+    cuda::launch_encode_rows<device_storage_type, latent_dim>(backend_, rows.data(), dst,
+                                                              pool_.data(), n);
   }
 
   /// Appends `rows` ([n, latent_dim], device) after the tokens of sequence `seq`.
@@ -196,30 +195,12 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
                                      " (one per sequence)");
     detail::require<InvalidArgument>(q_len >= 0, kEncode, ": 'q_len' is ", q_len,
                                      "; expected at least 0");
-    dst_rows_.reserve(seqs.size() * std::size_t(q_len));
-    dst_rows_.host.clear();
-    std::unordered_set<index_t> pending;  // sequences with rows issued in the current group
-    std::size_t group_begin = 0;
-    const auto flush = [&](std::size_t end) {
-      if (dst_rows_.host.empty()) return;
-      const std::int64_t* dst = dst_rows_.upload(backend_);
-      cuda::launch_encode_rows<device_storage_type>(
-          backend_, rows + std::int64_t(group_begin) * q_len * latent_dim, dst, pool_.data(),
-          index_t(dst_rows_.host.size()), latent_dim);
-      dst_rows_.host.clear();
-      pending.clear();
-      group_begin = end;
-    };
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      if (!pending.insert(seqs[i]).second) {
-        flush(i);
-        pending.insert(seqs[i]);
-      }
-      allocator_->prepare_write(kEncode, seqs[i], starts[i], q_len);
-      throw_if_copy_failed();
-      add_destinations(seqs[i], starts[i], q_len);
-    }
-    flush(seqs.size());
+    cuda::encode_batch<device_storage_type, latent_dim>(
+        backend_, seqs, q_len, rows, pool_.data(), dst_rows_, [&](std::size_t i) {
+          allocator_->prepare_write(kEncode, seqs[i], starts[i], q_len);
+          throw_if_copy_failed();
+          add_destinations(seqs[i], starts[i], q_len);
+        });
   }
 
   /// The view of sequences `seqs` (in that order) that device kernels read: this pool, with the

@@ -111,10 +111,9 @@ struct DecodeLaunch {
     const int row_tiles = (rows_per_seq + Shape::rows - 1) / Shape::rows;
     int parts = workspace.parts_;
     if (parts == 0) {
-      // One attention block per SM per row tile: the 16-row tile (~95 KiB of shared memory)
-      // fits twice on sm_90, the others once.
-      const int per_sm = Shape::shared_bytes <= 110u * 1024u ? 2 : 1;
-      parts = std::max(1, sm_count(workspace) * per_sm / row_tiles);
+      // As many attention blocks as the SMs hold at once (the 16-row tile twice per SM, the
+      // others once), shared among the row tiles.
+      parts = std::max(1, sm_count(workspace) * Shape::blocks_per_sm / row_tiles);
     }
     // Each part touches at most two split entries (its first and its last), so the split pieces
     // number at most 2 · parts, whatever the batch.

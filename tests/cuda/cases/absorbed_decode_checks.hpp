@@ -432,6 +432,17 @@ void check_decode_bad_arguments(const CudaBackend& backend) {
                                            workspace);
   });
   CHECK(contains(q_len_message, "'q_len' is 0"));
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   mla::cuda::absorbed_decode<C, Storage>(
+                       backend, pool.paged(), 1 << 30, d_q.data(), 0.1f, d_out.data(), workspace);
+                 }),
+                 "'q_len' is 1073741824; expected at most "));
+  auto no_query = pool.paged();
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   mla::cuda::absorbed_decode<C, Storage>(backend, no_query, 1, nullptr, 0.1f,
+                                                          d_out.data(), workspace);
+                 }),
+                 "'q'"));
   auto wrong_rows = pool.paged();
   wrong_rows.row_bytes += 2;
   CHECK(contains(message_of<InvalidArgument>([&] {

@@ -187,8 +187,8 @@ struct DecodeLaunch {
 /// @param q          device [batch, q_len, n_heads, latent_dim]: q_nope · W_UK then rotated q_pe
 /// @param scale      the softmax scale (mla::softmax_scale<C>())
 /// @param out_latent device [batch, q_len, n_heads, kv_lora_rank] out
-/// @throws InvalidArgument (q_len < 1, a row size other than the format's, a null pointer with a
-///         non-empty batch), CudaError
+/// @throws InvalidArgument (q_len < 1 or past 524280 / n_heads, a row size other than the
+///         format's, a null pointer with a non-empty batch), CudaError
 template <MlaConfig C, class Storage, class Address>
 void absorbed_decode(const CudaBackend& backend,
                      const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
@@ -209,6 +209,11 @@ void absorbed_decode(const CudaBackend& backend,
   daedalus::detail::require<InvalidArgument>(
       cache.row_bytes == Format::row_bytes, fn, ": 'cache.row_bytes' is ", cache.row_bytes,
       "; expected ", Format::row_bytes, " (", S::latent_dim, " values of ", Format::name, ")");
+  // The combine grid has one block per 8 folded rows in its y dimension (at most 65535).
+  constexpr int max_rows = 65535 * detail::DecodeTiling::combine_rows;
+  daedalus::detail::require<InvalidArgument>(
+      q_len <= max_rows / S::n_heads, fn, ": 'q_len' is ", q_len, "; expected at most ",
+      max_rows / S::n_heads, " (", max_rows, " query rows of ", S::n_heads, " heads per entry)");
   if (cache.batch == 0) return;
   daedalus::detail::require<InvalidArgument>(
       cache.seqlens != nullptr && q != nullptr && out_latent != nullptr, fn,

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/mma.cuh"
@@ -194,6 +195,16 @@ struct DecodeAttentionParams {
 struct alignas(16) Bytes16 {
   std::uint32_t word[4];
 };
+
+/// Stores two 16-bit elements packed in one register (low half first) at `p`, 4-byte aligned.
+template <class Element>
+__device__ __forceinline__ void store_pair(Element* p, std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<std::uint32_t*>(p) = bits;
+#else
+  std::memcpy(static_cast<void*>(p), &bits, sizeof(bits));
+#endif
+}
 
 /// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg, sm_80+: the
 /// data does not pass through registers, so a thread keeps all its copies of a key block in
@@ -400,8 +411,7 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
             daedalus::cuda::from_float<Element>(exp2f(s[j].reg[2 * h + 1] - shift[h]));
         block_sum[h] += daedalus::cuda::to_float(p0) + daedalus::cuda::to_float(p1);
         const int r = score_tile * 16 + g + 8 * h;
-        p_shared[r * ldp + col] = p0;
-        p_shared[r * ldp + col + 1] = p1;
+        store_pair(p_shared + r * ldp + col, daedalus::cuda::detail::pack_pair(p0, p1));
       }
     }
     DAEDALUS_UNROLL

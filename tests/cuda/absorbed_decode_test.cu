@@ -52,6 +52,11 @@ TEST_SUITE("cuda absorbed decode") {
     check_absorbed_decode<DeepSeekV3, Bf16, 64>(cuda, {2049, 2, 700}, 2, 9, 1204);
   }
 
+  TEST_CASE("ldmatrix fragment loaders agree with the per-lane loaders (bf16, fp16)") {
+    check_ldmatrix_loaders<Bf16>(daedalus::CudaBackend{});
+    check_ldmatrix_loaders<Fp16>(daedalus::CudaBackend{});
+  }
+
   TEST_CASE("validate_on_device names the first bad entry as the host check does") {
     check_validate_on_device<Tiny, Bf16, 16>(daedalus::CudaBackend{});
   }

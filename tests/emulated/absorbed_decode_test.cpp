@@ -54,6 +54,11 @@ TEST_SUITE("cuda absorbed decode") {
     }
   }
 
+  TEST_CASE("ldmatrix fragment loaders agree with the per-lane loaders (bf16, fp16)") {
+    check_ldmatrix_loaders<Bf16>(daedalus::CudaBackend{});
+    check_ldmatrix_loaders<Fp16>(daedalus::CudaBackend{});
+  }
+
   TEST_CASE("validate_on_device names the first bad entry as the host check does") {
     check_validate_on_device<Tiny, Bf16, 16>(daedalus::CudaBackend{});
   }

@@ -73,6 +73,49 @@ constexpr double unit_roundoff() {
   return std::is_same_v<Storage, daedalus::bfloat16> ? 0x1p-8 : 0x1p-11;
 }
 
+/// One warp: loads fragments of a 16×24 tile of codes (element (r, c) holds r·32 + c, exact in
+/// bf16 and fp16) from shared memory with the ldmatrix loaders and with the per-lane loaders,
+/// and counts, per lane, the registers that differ. The tile's leading dimension is 24 (16-byte
+/// rows, as the loaders require) and the second B tile starts at column 8.
+template <class T>
+__global__ void ldmatrix_agreement(const T* codes /* [16, 24] */, int* mismatches /* [32] */) {
+  __shared__ __align__(16) T tile[16 * 24];
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int e = lane; e < 16 * 24; e += 32) tile[e] = codes[e];
+  __syncwarp();
+  int wrong = 0;
+  const auto a = cuda::load_fragment_a(tile + 8, 24, lane);
+  const auto a4 = cuda::load_fragment_a_x4(tile + 8, 24, lane);
+  for (int i = 0; i < 4; ++i) wrong += a.reg[i] != a4.reg[i];
+  const auto bt = cuda::load_fragments_b_transposed_x4(tile + 8, 24, lane);
+  for (int n = 0; n < 2; ++n) {
+    const auto one = cuda::load_fragment_b_transposed(tile + 8 + n * 8 * 24, 24, lane);
+    for (int i = 0; i < 2; ++i) wrong += one.reg[i] != bt.tile[n].reg[i];
+  }
+  const auto b = cuda::load_fragments_b_x4(tile + 8, 24, lane);
+  for (int n = 0; n < 2; ++n) {
+    const auto one = cuda::load_fragment_b(tile + 8 + n * 8, 24, lane);
+    for (int i = 0; i < 2; ++i) wrong += one.reg[i] != b.tile[n].reg[i];
+  }
+  mismatches[lane] = wrong;
+}
+
+/// The ldmatrix fragment loaders (mma.cuh) give the registers of the per-lane loaders, whose
+/// layout the kernel checks of tests/cuda/cases/kernel_checks.hpp pin to the PTX ISA.
+template <class Storage>
+void check_ldmatrix_loaders(const CudaBackend& backend) {
+  std::vector<Storage> codes(16 * 24);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 24; ++c)
+      codes[std::size_t(r * 24 + c)] = daedalus::from_float<Storage>(float(r * 32 + c));
+  const auto d_codes = cuda::to_device(backend, codes);
+  cuda::DeviceBuffer<int> d_mismatches(32);
+  cuda::launch(backend, {dim3(1), dim3(32)}, &ldmatrix_agreement<cuda::device_storage_t<Storage>>,
+               d_codes.data(), d_mismatches.data());
+  const std::vector<int> mismatches = cuda::to_host(backend, d_mismatches);
+  CHECK(std::accumulate(mismatches.begin(), mismatches.end(), 0) == 0);
+}
+
 /// A paged pool filled by hand, its device copies, and the same rows in a contiguous pool.
 template <class C, class Storage, int BS>
 struct DecodePool {
@@ -389,6 +432,17 @@ void check_decode_bad_arguments(const CudaBackend& backend) {
                                            workspace);
   });
   CHECK(contains(q_len_message, "'q_len' is 0"));
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   mla::cuda::absorbed_decode<C, Storage>(
+                       backend, pool.paged(), 1 << 30, d_q.data(), 0.1f, d_out.data(), workspace);
+                 }),
+                 "'q_len' is 1073741824; expected at most "));
+  auto no_query = pool.paged();
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   mla::cuda::absorbed_decode<C, Storage>(backend, no_query, 1, nullptr, 0.1f,
+                                                          d_out.data(), workspace);
+                 }),
+                 "'q'"));
   auto wrong_rows = pool.paged();
   wrong_rows.row_bytes += 2;
   CHECK(contains(message_of<InvalidArgument>([&] {

@@ -111,10 +111,9 @@ struct DecodeLaunch {
     const int row_tiles = (rows_per_seq + Shape::rows - 1) / Shape::rows;
     int parts = workspace.parts_;
     if (parts == 0) {
-      // One attention block per SM per row tile: the 16-row tile (~95 KiB of shared memory)
-      // fits twice on sm_90, the others once.
-      const int per_sm = Shape::shared_bytes <= 110u * 1024u ? 2 : 1;
-      parts = std::max(1, sm_count(workspace) * per_sm / row_tiles);
+      // As many attention blocks as the SMs hold at once (the 16-row tile twice per SM, the
+      // others once), shared among the row tiles.
+      parts = std::max(1, sm_count(workspace) * Shape::blocks_per_sm / row_tiles);
     }
     // Each part touches at most two split entries (its first and its last), so the split pieces
     // number at most 2 · parts, whatever the batch.
@@ -188,8 +187,8 @@ struct DecodeLaunch {
 /// @param q          device [batch, q_len, n_heads, latent_dim]: q_nope · W_UK then rotated q_pe
 /// @param scale      the softmax scale (mla::softmax_scale<C>())
 /// @param out_latent device [batch, q_len, n_heads, kv_lora_rank] out
-/// @throws InvalidArgument (q_len < 1, a row size other than the format's, a null pointer with a
-///         non-empty batch), CudaError
+/// @throws InvalidArgument (q_len < 1 or past 524280 / n_heads, a row size other than the
+///         format's, a null pointer with a non-empty batch), CudaError
 template <MlaConfig C, class Storage, class Address>
 void absorbed_decode(const CudaBackend& backend,
                      const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
@@ -210,6 +209,11 @@ void absorbed_decode(const CudaBackend& backend,
   daedalus::detail::require<InvalidArgument>(
       cache.row_bytes == Format::row_bytes, fn, ": 'cache.row_bytes' is ", cache.row_bytes,
       "; expected ", Format::row_bytes, " (", S::latent_dim, " values of ", Format::name, ")");
+  // The combine grid has one block per 8 folded rows in its y dimension (at most 65535).
+  constexpr int max_rows = 65535 * detail::DecodeTiling::combine_rows;
+  daedalus::detail::require<InvalidArgument>(
+      q_len <= max_rows / S::n_heads, fn, ": 'q_len' is ", q_len, "; expected at most ",
+      max_rows / S::n_heads, " (", max_rows, " query rows of ", S::n_heads, " heads per entry)");
   if (cache.batch == 0) return;
   daedalus::detail::require<InvalidArgument>(
       cache.seqlens != nullptr && q != nullptr && out_latent != nullptr, fn,

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/mma.cuh"
@@ -73,6 +74,10 @@ struct DecodeShape {
   static constexpr int value_tiles =
       (value_tiles_total + DecodeTiling::warps - 1) / DecodeTiling::warps;  // n-tiles of O per warp
   static constexpr int ldp = keys + DecodeTiling::row_pad;
+  /// Blocks per SM the register budget is set for: two 16-row blocks (≤ 128 registers each, and
+  /// ~95 KiB of shared memory each on sm_90), so one computes while the other waits for its
+  /// keys; one block of 32 or 64 rows.
+  static constexpr int blocks_per_sm = RowTiles == 1 ? 2 : 1;
   static_assert(score_tiles * key_groups * 8 == keys, "DecodeShape: key tiles split evenly");
 
   // Dynamic shared memory: Q tile, K block, P tile (16-bit), then per-row maxima and sums of each
@@ -191,6 +196,43 @@ struct alignas(16) Bytes16 {
   std::uint32_t word[4];
 };
 
+/// Stores two 16-bit elements packed in one register (low half first) at `p`, 4-byte aligned.
+template <class Element>
+__device__ __forceinline__ void store_pair(Element* p, std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<std::uint32_t*>(p) = bits;
+#else
+  std::memcpy(static_cast<void*>(p), &bits, sizeof(bits));
+#endif
+}
+
+/// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg, sm_80+: the
+/// data does not pass through registers, so a thread keeps all its copies of a key block in
+/// flight at once). Complete only after wait_async_copies() in the issuing thread, and visible to
+/// the block after the barrier that follows it.
+__device__ __forceinline__ void copy_async_16(void* shared_dst, const void* global_src) {
+#if defined(DAEDALUS_CUDA_EMULATION)
+  ::daedalus::cuda_emulation::copy_async_16(shared_dst, global_src);
+#elif defined(__CUDA_ARCH__)
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_src)
+               : "memory");
+#else
+  (void)shared_dst;
+  (void)global_src;
+#endif
+}
+
+/// Waits until every copy_async_16 this thread issued has landed.
+__device__ __forceinline__ void wait_async_copies() {
+#if defined(DAEDALUS_CUDA_EMULATION)
+  ::daedalus::cuda_emulation::wait_async_copies();
+#elif defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 /// Copies cached rows [key0, key0 + valid) of entry b into the K block in shared memory (row j at
 /// k_shared + j · Shape::ld), zero-filling rows past `valid` and columns past D, so that rows no
 /// query may see (past the sequence's end: poisoned or another sequence's data) contribute exact
@@ -202,16 +244,19 @@ __device__ __forceinline__ void load_key_block(const daedalus::cuda::DeviceLaten
   constexpr int keys = Shape::keys;
   if constexpr (D % 8 == 0) {
     // Rows of D 16-bit values are a whole number of 16-byte chunks (the pool is 256-byte
-    // aligned, rows are D · 2 bytes), as for DeepSeek's 576.
+    // aligned, rows are D · 2 bytes), as for DeepSeek's 576: asynchronous copies, all in flight
+    // together; zeros are stored directly.
     constexpr int chunks = Shape::d_pad / 8;
     for (int e = static_cast<int>(threadIdx.x); e < keys * chunks; e += threads) {
       const int j = e / chunks, chunk = e % chunks;
-      Bytes16 value{{0u, 0u, 0u, 0u}};
+      Element* dst = k_shared + j * Shape::ld + chunk * 8;
       if (j < valid && chunk < D / 8) {
-        value = reinterpret_cast<const Bytes16*>(c.row(b, key0 + j))[chunk];
+        copy_async_16(dst, reinterpret_cast<const Bytes16*>(c.row(b, key0 + j)) + chunk);
+      } else {
+        *reinterpret_cast<Bytes16*>(dst) = Bytes16{{0u, 0u, 0u, 0u}};
       }
-      *reinterpret_cast<Bytes16*>(k_shared + j * Shape::ld + chunk * 8) = value;
     }
+    wait_async_copies();
   } else {
     const Element zero = daedalus::cuda::from_float<Element>(0.0f);
     for (int e = static_cast<int>(threadIdx.x); e < keys * Shape::d_pad; e += threads) {
@@ -303,12 +348,22 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
     const Element* q_tile = q_shared + score_tile * 16 * ld;
     const Element* k_tile = k_shared + key_group * Shape::score_tiles * 8 * ld;
     for (int k = 0; k < Shape::k_steps; ++k) {
-      const auto a = daedalus::cuda::load_fragment_a(q_tile + k * 16, ld, lane);
-      DAEDALUS_UNROLL
-      for (int j = 0; j < Shape::score_tiles; ++j) {
-        const auto bf =
-            daedalus::cuda::load_fragment_b_transposed(k_tile + j * 8 * ld + k * 16, ld, lane);
-        daedalus::cuda::mma_m16n8k16(s[j], a, bf);
+      const auto a = daedalus::cuda::load_fragment_a_x4(q_tile + k * 16, ld, lane);
+      if constexpr (Shape::score_tiles % 2 == 0) {
+        DAEDALUS_UNROLL
+        for (int j = 0; j < Shape::score_tiles; j += 2) {
+          const auto bf = daedalus::cuda::load_fragments_b_transposed_x4(
+              k_tile + j * 8 * ld + k * 16, ld, lane);
+          daedalus::cuda::mma_m16n8k16(s[j], a, bf.tile[0]);
+          daedalus::cuda::mma_m16n8k16(s[j + 1], a, bf.tile[1]);
+        }
+      } else {
+        DAEDALUS_UNROLL
+        for (int j = 0; j < Shape::score_tiles; ++j) {
+          const auto bf =
+              daedalus::cuda::load_fragment_b_transposed(k_tile + j * 8 * ld + k * 16, ld, lane);
+          daedalus::cuda::mma_m16n8k16(s[j], a, bf);
+        }
       }
     }
     // Scale to base-2 units, mask, and this warp's maximum of each row.
@@ -356,8 +411,7 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
             daedalus::cuda::from_float<Element>(exp2f(s[j].reg[2 * h + 1] - shift[h]));
         block_sum[h] += daedalus::cuda::to_float(p0) + daedalus::cuda::to_float(p1);
         const int r = score_tile * 16 + g + 8 * h;
-        p_shared[r * ldp + col] = p0;
-        p_shared[r * ldp + col + 1] = p1;
+        store_pair(p_shared + r * ldp + col, daedalus::cuda::detail::pack_pair(p0, p1));
       }
     }
     DAEDALUS_UNROLL
@@ -396,11 +450,27 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
       daedalus::cuda::MmaFragmentA<Element> a[RowTiles];
       DAEDALUS_UNROLL
       for (int m = 0; m < RowTiles; ++m)
-        a[m] = daedalus::cuda::load_fragment_a(p_shared + m * 16 * ldp + k * 16, ldp, lane);
+        a[m] = daedalus::cuda::load_fragment_a_x4(p_shared + m * 16 * ldp + k * 16, ldp, lane);
+      // Pairs of 8-column tiles with one ldmatrix.x4.trans; columns at or past V (a pair's
+      // second tile at the value's edge) are computed but never stored. Warps whose columns
+      // start past V have nothing to do (warp-uniform branches).
       DAEDALUS_UNROLL
-      for (int v = 0; v < Shape::value_tiles; ++v) {
+      for (int v = 0; v + 1 < Shape::value_tiles; v += 2) {
         const int col0 = (warp * Shape::value_tiles + v) * 8;
-        if (col0 < V) {  // warp-uniform: warps past the value's width have nothing to do
+        if (col0 < V) {
+          const auto bf =
+              daedalus::cuda::load_fragments_b_x4(k_shared + k * 16 * ld + col0, ld, lane);
+          DAEDALUS_UNROLL
+          for (int m = 0; m < RowTiles; ++m) {
+            daedalus::cuda::mma_m16n8k16(acc[m][v], a[m], bf.tile[0]);
+            daedalus::cuda::mma_m16n8k16(acc[m][v + 1], a[m], bf.tile[1]);
+          }
+        }
+      }
+      if constexpr (Shape::value_tiles % 2 == 1) {
+        constexpr int v = Shape::value_tiles - 1;
+        const int col0 = (warp * Shape::value_tiles + v) * 8;
+        if (col0 < V) {
           const auto bf = daedalus::cuda::load_fragment_b(k_shared + k * 16 * ld + col0, ld, lane);
           DAEDALUS_UNROLL
           for (int m = 0; m < RowTiles; ++m) daedalus::cuda::mma_m16n8k16(acc[m][v], a[m], bf);
@@ -442,7 +512,8 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
 /// range touches; each intersection is one piece (a split of that entry when other parts share
 /// it). DecodeTiling::threads threads, DecodeShape::shared_bytes of dynamic shared memory.
 template <class Element, int D, int V, int RowTiles, class Address>
-__global__ void __launch_bounds__(DecodeTiling::threads, 1)
+__global__ void __launch_bounds__(DecodeTiling::threads,
+                                  (DecodeShape<D, V, RowTiles>::blocks_per_sm))
     decode_attention(DecodeAttentionParams<Address> p) {
   const DecodeSchedule schedule{p.schedule, p.cache.batch};
   const int per = schedule.blocks_per_part();

@@ -66,6 +66,12 @@ struct MlaImpl<C, CudaBackend> {
   static constexpr index_t KVB = S::kv_b_rows_per_head;
   static constexpr index_t NOPE = S::nope;
 
+  /// Query rows (tokens × heads) per sequence the absorbed decode kernel takes in one call (its
+  /// combine grid's limit). An absorbed-mode chunk longer than that runs the naive path, which
+  /// computes the same attention (reference/mla.md step 4) without the limit.
+  static constexpr index_t kMaxAbsorbedRows =
+      index_t(65535) * mla::cuda::detail::DecodeTiling::combine_rows;
+
   /// Scores of the naive path are computed for this many (head, query, key) triples at most at
   /// once (256 MiB of fp32); longer chunks are processed in slices of query rows.
   static constexpr index_t kScoreBudget = index_t(1) << 26;
@@ -364,7 +370,7 @@ struct MlaImpl<C, CudaBackend> {
     const auto rows = device_batch(cache, seqs, ws);
     float* o = ws.floats(kO, tokens * H * VD);  // [tokens, H, VD]
     const double scale = softmax_scale<C>();
-    if (mode == AttentionMode::absorbed) {
+    if (mode == AttentionMode::absorbed && q_len * H <= kMaxAbsorbedRows) {
       float* q_abs = ws.floats(kQAbs, tokens * H * D);
       E* q_nope = ws.template elements<E>(kInput, tokens * H * NOPE);
       mla::cuda::launch_split_query(

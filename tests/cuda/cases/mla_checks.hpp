@@ -576,8 +576,9 @@ void check_project(const CudaBackend& cuda) {
 }
 
 /// Prefill then decode over device ContiguousLatentCaches on a stream of their own (the backend
-/// `.on(stream)`), naive and absorbed, against the CPU's contiguous bf16 cache; and a cache built
-/// on another stream than the call's is refused before anything changes.
+/// `.on(stream)`), naive and absorbed, against the CPU's contiguous bf16 cache; the attention
+/// cores over the contiguous caches; and a cache built on another stream than the call's is
+/// refused before anything changes.
 template <MlaConfig C>
 void check_contiguous_on_stream() {
   using S = MlaShape<C>;
@@ -612,6 +613,44 @@ void check_contiguous_on_stream() {
     CHECK(worst <= kLayerTolerance);
     CHECK(dev_cache.length(0) == 32);
     CHECK(dev_cache.length(1) == 20);
+    // The attention cores over the contiguous caches: the host side reads a copy of the device's
+    // rows, so both see identical keys (tolerances as in check_layer_against_cpu).
+    {
+      ContiguousLatentCache<C, CpuBackend, bfloat16> mirror(std::vector<index_t>{40, 24});
+      dev_cache.download(mirror);
+      const std::vector<index_t> seqs = {1, 0};
+      constexpr index_t q_len = 2, n = 2;
+      const double scale = mla::softmax_scale<C>();
+      Random random(7630);
+      const auto q_abs = random.uniform(std::size_t(n * q_len * S::n_heads * S::latent_dim), 4.0);
+      auto d_q_abs = dcuda::to_device(cuda, q_abs);
+      dcuda::DeviceBuffer<float> d_lat(std::size_t(n * q_len * S::n_heads * S::kv_lora_rank));
+      mla::absorbed_attention(cuda, dev_cache, std::span<const index_t>(seqs),
+                              TensorView<const float, 4, DeviceMemory>(
+                                  d_q_abs.data(), {n, q_len, S::n_heads, S::latent_dim}),
+                              scale, d_lat.view<4>({n, q_len, S::n_heads, S::kv_lora_rank}));
+      std::vector<float> lat(d_lat.size());
+      mla::absorbed_attention(
+          cpu, mirror, std::span<const index_t>(seqs),
+          HostView<const float, 4>(q_abs.data(), {n, q_len, S::n_heads, S::latent_dim}), scale,
+          HostView<float, 4>(lat.data(), {n, q_len, S::n_heads, S::kv_lora_rank}));
+      CHECK(tol::row_relative_error(dcuda::to_host(cuda, d_lat), lat,
+                                    std::size_t(S::kv_lora_rank)) <= tol::cache_effect<bfloat16>());
+      const auto q = random.uniform(std::size_t(n * q_len * S::n_heads * S::qk_head_dim), 4.0);
+      auto d_q = dcuda::to_device(cuda, q);
+      dcuda::DeviceBuffer<float> d_o(std::size_t(n * q_len * S::n_heads * S::v_head_dim));
+      mla::naive_attention(cuda, dev_w, dev_cache, std::span<const index_t>(seqs),
+                           TensorView<const float, 4, DeviceMemory>(
+                               d_q.data(), {n, q_len, S::n_heads, S::qk_head_dim}),
+                           scale, d_o.view<4>({n, q_len, S::n_heads, S::v_head_dim}));
+      std::vector<float> o(d_o.size());
+      mla::naive_attention(
+          cpu, host_w, mirror, std::span<const index_t>(seqs),
+          HostView<const float, 4>(q.data(), {n, q_len, S::n_heads, S::qk_head_dim}), scale,
+          HostView<float, 4>(o.data(), {n, q_len, S::n_heads, S::v_head_dim}));
+      CHECK(tol::row_relative_error(dcuda::to_host(cuda, d_o), o, std::size_t(S::v_head_dim)) <=
+            tol::fp32_vs_fp32(accumulation_length<C>(40)));
+    }
     // The call's backend on the default stream, the cache on `stream`: refused, nothing written.
     const auto before = dev_cache.rows(0);
     const std::string what = message_of<InvalidArgument>([&] {

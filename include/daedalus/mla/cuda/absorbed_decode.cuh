@@ -70,7 +70,8 @@ class AbsorbedDecodeWorkspace {
   }
 
   int parts_ = 0;
-  int sm_count_ = 0;  // of the device current at the first call
+  int sm_count_ = 0;      // of the device current at the first call
+  int shared_limit_ = 0;  // likewise: its opt-in shared memory per block
   int last_batch_ = 0;
   daedalus::cuda::DeviceBuffer<std::int32_t> schedule_;
   daedalus::cuda::DeviceBuffer<float> partial_out_;
@@ -101,11 +102,43 @@ struct DecodeLaunch {
     return workspace.sm_count_;
   }
 
+  /// Dynamic shared memory one block may opt into on the current device.
+  static int shared_limit(AbsorbedDecodeWorkspace& workspace) {
+    if (workspace.shared_limit_ == 0) {
+      int device = 0;
+      DAEDALUS_CUDA_CHECK(cudaGetDevice(&device));
+      int bytes = 0;
+      DAEDALUS_CUDA_CHECK(
+          cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      workspace.shared_limit_ = std::max(1, bytes);
+    }
+    return workspace.shared_limit_;
+  }
+
+  /// The double-buffered kernel where the shapes allow it and its shared memory fits the device
+  /// (sm_90, and sm_80 up to 32 rows, for DeepSeek's 576), else the single-buffered one.
   template <class Element, int D, int V, int RowTiles, class Address>
   static void run(const CudaBackend& backend,
                   const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len, int n_heads,
                   const float* q, float scale, float* out, AbsorbedDecodeWorkspace& workspace) {
-    using Shape = DecodeShape<D, V, RowTiles>;
+    if constexpr (can_pipeline<D, V>) {
+      if (DecodeShape<D, V, RowTiles, true>::shared_bytes <=
+          static_cast<std::size_t>(shared_limit(workspace))) {
+        run_shape<Element, D, V, RowTiles, true>(backend, cache, q_len, n_heads, q, scale, out,
+                                                 workspace);
+        return;
+      }
+    }
+    run_shape<Element, D, V, RowTiles, false>(backend, cache, q_len, n_heads, q, scale, out,
+                                              workspace);
+  }
+
+  template <class Element, int D, int V, int RowTiles, bool Pipelined, class Address>
+  static void run_shape(const CudaBackend& backend,
+                        const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
+                        int n_heads, const float* q, float scale, float* out,
+                        AbsorbedDecodeWorkspace& workspace) {
+    using Shape = DecodeShape<D, V, RowTiles, Pipelined>;
     const int batch = cache.batch;
     const int rows_per_seq = q_len * n_heads;
     const int row_tiles = (rows_per_seq + Shape::rows - 1) / Shape::rows;
@@ -139,7 +172,7 @@ struct DecodeLaunch {
     daedalus::cuda::launch(backend,
                            {dim3(unsigned(parts), unsigned(row_tiles)), dim3(DecodeTiling::threads),
                             Shape::shared_bytes},
-                           &decode_attention<Element, D, V, RowTiles, Address>, params);
+                           &decode_attention<Element, D, V, RowTiles, Pipelined, Address>, params);
     const DecodeCombineParams combine{out,
                                       workspace.partial_out_.data(),
                                       workspace.partial_lse_.data(),

@@ -449,6 +449,13 @@ void check_decode_bad_arguments(const CudaBackend& backend) {
                                                           d_out.data(), workspace);
                  }),
                  "'q'"));
+  auto misaligned = pool.paged();
+  misaligned.pool += 2;
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   mla::cuda::absorbed_decode<C, Storage>(backend, misaligned, 1, d_q.data(), 0.1f,
+                                                          d_out.data(), workspace);
+                 }),
+                 "'cache.pool' is not 16-byte aligned"));
   auto wrong_rows = pool.paged();
   wrong_rows.row_bytes += 2;
   CHECK(contains(message_of<InvalidArgument>([&] {

@@ -221,7 +221,8 @@ struct DecodeLaunch {
 /// @param scale      the softmax scale (mla::softmax_scale<C>())
 /// @param out_latent device [batch, q_len, n_heads, kv_lora_rank] out
 /// @throws InvalidArgument (q_len < 1 or past 524280 / n_heads, a row size other than the
-///         format's, a null pointer with a non-empty batch), CudaError
+///         format's, a null pointer with a non-empty batch, a pool not on a 16-byte boundary),
+///         CudaError
 template <MlaConfig C, class Storage, class Address>
 void absorbed_decode(const CudaBackend& backend,
                      const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
@@ -253,6 +254,12 @@ void absorbed_decode(const CudaBackend& backend,
       ": 'cache.seqlens', 'q' and 'out_latent' must be device pointers; expected none null for a "
       "batch of ",
       cache.batch);
+  // Key rows are copied 16 bytes at a time (cp.async): the pool must start on a 16-byte
+  // boundary (cudaMalloc gives 256) when its rows are whole 16-byte chunks.
+  daedalus::detail::require<InvalidArgument>(
+      Format::row_bytes % 16 != 0 || reinterpret_cast<std::uintptr_t>(cache.pool) % 16 == 0, fn,
+      ": 'cache.pool' is not 16-byte aligned; expected the start of a device allocation or a "
+      "16-byte boundary in one");
   constexpr int D = S::latent_dim;
   constexpr int V = S::kv_lora_rank;
   const int rows_per_seq = q_len * S::n_heads;

@@ -12,7 +12,14 @@
 //                    log-sum-exp, writes zeros for entries without cached tokens
 //
 // The products run on the tensor cores through daedalus::cuda::mma_m16n8k16 (the one wrapper),
-// inputs in the storage type (bf16 or fp16), accumulation in fp32.
+// inputs in the storage type (bf16 or fp16), accumulation in fp32; fragments come from shared
+// memory by ldmatrix.x4 (mma.cuh). An attention block has 8 warps and stages, per step of 64
+// cached tokens, the key block with cp.async (double-buffered where shared memory allows:
+// DecodeShape). Per step: scores (each warp 16 rows × 8·RowTiles keys over the whole 576-wide
+// row), the block's row maxima exchanged through shared memory, probabilities rounded to the
+// storage type into shared memory, then the value product (each warp all rows × an eighth of
+// the V columns, accumulators in registers for the whole piece). Three barriers per step (four
+// single-buffered).
 
 #include <cstddef>
 #include <cstdint>
@@ -26,10 +33,12 @@
 
 // Loops over register arrays must be unrolled, or their indices force the arrays into local
 // memory. nvcc honours `#pragma unroll`; host compilers (the emulation) need nothing.
+#if !defined(DAEDALUS_UNROLL)
 #if defined(__CUDACC__)
 #define DAEDALUS_UNROLL _Pragma("unroll")
 #else
 #define DAEDALUS_UNROLL
+#endif
 #endif
 
 namespace daedalus::mla::cuda::detail {

@@ -343,6 +343,23 @@ __device__ __forceinline__ void score_steps(daedalus::cuda::MmaAccumulator (&s)[
   }
 }
 
+/// score_steps for one key tile per warp (16-row blocks): the even and odd k-steps go to two
+/// accumulators, added at the end, so that two independent products are in flight instead of
+/// one chain of dependent ones.
+template <class Shape, int Steps, class Element>
+__device__ __forceinline__ void score_steps_single(daedalus::cuda::MmaAccumulator& s,
+                                                   const Element* q_tile, const Element* k_tile,
+                                                   int k_ld, int lane) {
+  daedalus::cuda::MmaAccumulator odd{{0.0f, 0.0f, 0.0f, 0.0f}};
+  for (int k = 0; k < Steps; ++k) {
+    const auto a = daedalus::cuda::load_fragment_a_x4(q_tile + k * 16, Shape::ld, lane);
+    const auto bf = daedalus::cuda::load_fragment_b_transposed(k_tile + k * 16, k_ld, lane);
+    daedalus::cuda::mma_m16n8k16(k % 2 == 0 ? s : odd, a, bf);
+  }
+  DAEDALUS_UNROLL
+  for (int i = 0; i < 4; ++i) s.reg[i] += odd.reg[i];
+}
+
 /// Absorbed attention of one tile of folded query rows over key blocks [block0, block1) of entry
 /// b (DeepSeek-V2 section 2.1.2 with W_UK absorbed: score[r, t] = q[r] · [c_t ; k_pe_t] · scale,
 /// o[r] = Σ_t softmax(score)[r, t] · c_t). Online softmax (Milakov & Gimelshein 2018) in base 2;
@@ -453,10 +470,19 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
     const Element* q_tile = q_shared + score_tile * 16 * ld;
     const int key_row = key_group * Shape::score_tiles * 8;
     if constexpr (Pipelined) {
-      score_steps<Shape, Shape::value_steps>(s, q_tile, value_shared + key_row * Shape::ldv,
-                                             Shape::ldv, lane);
-      score_steps<Shape, Shape::k_steps - Shape::value_steps>(
-          s, q_tile + V, rope_shared + key_row * Shape::ldr, Shape::ldr, lane);
+      if constexpr (Shape::score_tiles == 1) {
+        score_steps_single<Shape, Shape::value_steps>(
+            s[0], q_tile, value_shared + key_row * Shape::ldv, Shape::ldv, lane);
+        score_steps_single<Shape, Shape::k_steps - Shape::value_steps>(
+            s[0], q_tile + V, rope_shared + key_row * Shape::ldr, Shape::ldr, lane);
+      } else {
+        score_steps<Shape, Shape::value_steps>(s, q_tile, value_shared + key_row * Shape::ldv,
+                                               Shape::ldv, lane);
+        score_steps<Shape, Shape::k_steps - Shape::value_steps>(
+            s, q_tile + V, rope_shared + key_row * Shape::ldr, Shape::ldr, lane);
+      }
+    } else if constexpr (Shape::score_tiles == 1) {
+      score_steps_single<Shape, Shape::k_steps>(s[0], q_tile, k_shared + key_row * ld, ld, lane);
     } else {
       score_steps<Shape, Shape::k_steps>(s, q_tile, k_shared + key_row * ld, ld, lane);
     }

@@ -40,6 +40,11 @@ TEST_SUITE("cuda absorbed decode") {
     check_absorbed_decode<Latent576Heads16, Bf16, 64>(cuda, {130, 1}, 2, 3, 1107);
   }
 
+  TEST_CASE("512 + 64 latent, 16 heads, q_len 3: 48 rows in one 64-row tile (V3's kernel form)") {
+    check_absorbed_decode<Latent576Heads16, Fp16, 64>(daedalus::CudaBackend{}, {70, 0, 2}, 3, 3,
+                                                      1109);
+  }
+
   TEST_CASE("512 + 64 latent, 16 heads, long contexts: one 8K sequence over many SMs") {
     const daedalus::CudaBackend cuda;
     check_absorbed_decode<Latent576Heads16, Bf16, 64>(cuda, {8192}, 1, 37, 1201);

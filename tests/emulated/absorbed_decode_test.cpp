@@ -43,6 +43,11 @@ TEST_SUITE("cuda absorbed decode") {
     check_absorbed_decode<Latent576Heads16, Bf16, 64>(cuda, {130, 1}, 2, 3, 1107);
   }
 
+  TEST_CASE("512 + 64 latent, 16 heads, q_len 3: 48 rows in one 64-row tile (V3's kernel form)") {
+    check_absorbed_decode<Latent576Heads16, Fp16, 64>(daedalus::CudaBackend{}, {70, 0, 2}, 3, 3,
+                                                      1109);
+  }
+
   TEST_CASE("the Tiny case under reversed and shuffled schedules, blocks on 2 OS threads") {
     for (const auto schedule : {emulation::Schedule::reversed, emulation::Schedule::shuffled}) {
       emulation::Options options;

@@ -70,7 +70,8 @@ class AbsorbedDecodeWorkspace {
   }
 
   int parts_ = 0;
-  int sm_count_ = 0;  // of the device current at the first call
+  int sm_count_ = 0;      // of the device current at the first call
+  int shared_limit_ = 0;  // likewise: its opt-in shared memory per block
   int last_batch_ = 0;
   daedalus::cuda::DeviceBuffer<std::int32_t> schedule_;
   daedalus::cuda::DeviceBuffer<float> partial_out_;
@@ -101,11 +102,43 @@ struct DecodeLaunch {
     return workspace.sm_count_;
   }
 
+  /// Dynamic shared memory one block may opt into on the current device.
+  static int shared_limit(AbsorbedDecodeWorkspace& workspace) {
+    if (workspace.shared_limit_ == 0) {
+      int device = 0;
+      DAEDALUS_CUDA_CHECK(cudaGetDevice(&device));
+      int bytes = 0;
+      DAEDALUS_CUDA_CHECK(
+          cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      workspace.shared_limit_ = std::max(1, bytes);
+    }
+    return workspace.shared_limit_;
+  }
+
+  /// The double-buffered kernel where the shapes allow it and its shared memory fits the device
+  /// (sm_90, and sm_80 up to 32 rows, for DeepSeek's 576), else the single-buffered one.
   template <class Element, int D, int V, int RowTiles, class Address>
   static void run(const CudaBackend& backend,
                   const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len, int n_heads,
                   const float* q, float scale, float* out, AbsorbedDecodeWorkspace& workspace) {
-    using Shape = DecodeShape<D, V, RowTiles>;
+    if constexpr (can_pipeline<D, V>) {
+      if (DecodeShape<D, V, RowTiles, true>::shared_bytes <=
+          static_cast<std::size_t>(shared_limit(workspace))) {
+        run_shape<Element, D, V, RowTiles, true>(backend, cache, q_len, n_heads, q, scale, out,
+                                                 workspace);
+        return;
+      }
+    }
+    run_shape<Element, D, V, RowTiles, false>(backend, cache, q_len, n_heads, q, scale, out,
+                                              workspace);
+  }
+
+  template <class Element, int D, int V, int RowTiles, bool Pipelined, class Address>
+  static void run_shape(const CudaBackend& backend,
+                        const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
+                        int n_heads, const float* q, float scale, float* out,
+                        AbsorbedDecodeWorkspace& workspace) {
+    using Shape = DecodeShape<D, V, RowTiles, Pipelined>;
     const int batch = cache.batch;
     const int rows_per_seq = q_len * n_heads;
     const int row_tiles = (rows_per_seq + Shape::rows - 1) / Shape::rows;
@@ -139,7 +172,7 @@ struct DecodeLaunch {
     daedalus::cuda::launch(backend,
                            {dim3(unsigned(parts), unsigned(row_tiles)), dim3(DecodeTiling::threads),
                             Shape::shared_bytes},
-                           &decode_attention<Element, D, V, RowTiles, Address>, params);
+                           &decode_attention<Element, D, V, RowTiles, Pipelined, Address>, params);
     const DecodeCombineParams combine{out,
                                       workspace.partial_out_.data(),
                                       workspace.partial_lse_.data(),
@@ -188,7 +221,8 @@ struct DecodeLaunch {
 /// @param scale      the softmax scale (mla::softmax_scale<C>())
 /// @param out_latent device [batch, q_len, n_heads, kv_lora_rank] out
 /// @throws InvalidArgument (q_len < 1 or past 524280 / n_heads, a row size other than the
-///         format's, a null pointer with a non-empty batch), CudaError
+///         format's, a null pointer with a non-empty batch, a pool not on a 16-byte boundary),
+///         CudaError
 template <MlaConfig C, class Storage, class Address>
 void absorbed_decode(const CudaBackend& backend,
                      const daedalus::cuda::DeviceLatentBatch<Address>& cache, int q_len,
@@ -220,6 +254,12 @@ void absorbed_decode(const CudaBackend& backend,
       ": 'cache.seqlens', 'q' and 'out_latent' must be device pointers; expected none null for a "
       "batch of ",
       cache.batch);
+  // Key rows are copied 16 bytes at a time (cp.async): the pool must start on a 16-byte
+  // boundary (cudaMalloc gives 256) when its rows are whole 16-byte chunks.
+  daedalus::detail::require<InvalidArgument>(
+      Format::row_bytes % 16 != 0 || reinterpret_cast<std::uintptr_t>(cache.pool) % 16 == 0, fn,
+      ": 'cache.pool' is not 16-byte aligned; expected the start of a device allocation or a "
+      "16-byte boundary in one");
   constexpr int D = S::latent_dim;
   constexpr int V = S::kv_lora_rank;
   const int rows_per_seq = q_len * S::n_heads;

@@ -12,7 +12,14 @@
 //                    log-sum-exp, writes zeros for entries without cached tokens
 //
 // The products run on the tensor cores through daedalus::cuda::mma_m16n8k16 (the one wrapper),
-// inputs in the storage type (bf16 or fp16), accumulation in fp32.
+// inputs in the storage type (bf16 or fp16), accumulation in fp32; fragments come from shared
+// memory by ldmatrix.x4 (mma.cuh). An attention block has 8 warps and stages, per step of 64
+// cached tokens, the key block with cp.async (double-buffered where shared memory allows:
+// DecodeShape). Per step: scores (each warp 16 rows × 8·RowTiles keys over the whole 576-wide
+// row), the block's row maxima exchanged through shared memory, probabilities rounded to the
+// storage type into shared memory, then the value product (each warp all rows × an eighth of
+// the V columns, accumulators in registers for the whole piece). Three barriers per step (four
+// single-buffered).
 
 #include <cstddef>
 #include <cstdint>
@@ -26,10 +33,12 @@
 
 // Loops over register arrays must be unrolled, or their indices force the arrays into local
 // memory. nvcc honours `#pragma unroll`; host compilers (the emulation) need nothing.
+#if !defined(DAEDALUS_UNROLL)
 #if defined(__CUDACC__)
 #define DAEDALUS_UNROLL _Pragma("unroll")
 #else
 #define DAEDALUS_UNROLL
+#endif
 #endif
 
 namespace daedalus::mla::cuda::detail {
@@ -50,6 +59,11 @@ struct DecodeTiling {
   static constexpr int combine_rows = 8;
 };
 
+/// Whether the K block can be double-buffered for cached rows of D values whose first V are the
+/// value: the value part must be whole 16-wide k-steps and rows whole 16-byte chunks.
+template <int D, int V>
+inline constexpr bool can_pipeline = V % 16 == 0 && D % 8 == 0;
+
 /// Sizes of one attention block for a cached row of D values whose first V are the value, with
 /// RowTiles tiles of 16 query rows (1, 2 or 4: 16, 32 or 64 folded rows per block).
 ///
@@ -58,32 +72,46 @@ struct DecodeTiling {
 ///           keys (key group w / RowTiles), accumulating over the padded D in k-steps of 16;
 ///   values  O[rows, V] += P · V: warp w takes every m-tile and the 8-column n-tiles
 ///           [w · v_tiles, (w + 1) · v_tiles), so a probability fragment feeds v_tiles products.
-template <int D, int V, int RowTiles>
+///
+/// K in shared memory. Single-buffered (Pipelined = false): one [64, ld] block, loaded while the
+/// block waits. Pipelined: two value buffers [64, V + 8] and one rope buffer [64, D - V + 8]: the
+/// next block's value part is copied while this block computes its scores and values, and its
+/// rope part (which only the scores read) while this block computes its values, so the copies
+/// overlap all the arithmetic. 576-wide rows with 64 query rows then take 222 KiB (sm_90 has
+/// 227); the launcher falls back to one buffer where it does not fit.
+template <int D, int V, int RowTiles, bool Pipelined = false>
 struct DecodeShape {
   static_assert(RowTiles == 1 || RowTiles == 2 || RowTiles == 4,
                 "DecodeShape: 16, 32 or 64 query rows per block");
   static_assert(V >= 1 && V < D, "DecodeShape: the value is a proper prefix of the cached row");
+  static_assert(!Pipelined || can_pipeline<D, V>,
+                "DecodeShape: double buffering needs V % 16 == 0 and D % 8 == 0");
   static constexpr int rows = 16 * RowTiles;
   static constexpr int keys = DecodeTiling::key_block;
   static constexpr int d_pad = (D + 15) / 16 * 16;  // zero-padded in shared memory
   static constexpr int ld = d_pad + DecodeTiling::row_pad;
   static constexpr int k_steps = d_pad / 16;
+  static constexpr int value_steps = V / 16;             // pipelined: k-steps in the value buffer
+  static constexpr int ldv = V + DecodeTiling::row_pad;  // pipelined value buffer
+  static constexpr int ldr = d_pad - V + DecodeTiling::row_pad;  // pipelined rope buffer
   static constexpr int key_groups = DecodeTiling::warps / RowTiles;
   static constexpr int score_tiles = (keys / 8) / key_groups;  // n-tiles of S per warp
   static constexpr int value_tiles_total = (V + 7) / 8;
   static constexpr int value_tiles =
       (value_tiles_total + DecodeTiling::warps - 1) / DecodeTiling::warps;  // n-tiles of O per warp
   static constexpr int ldp = keys + DecodeTiling::row_pad;
-  /// Blocks per SM the register budget is set for: two 16-row blocks (≤ 128 registers each, and
-  /// ~95 KiB of shared memory each on sm_90), so one computes while the other waits for its
-  /// keys; one block of 32 or 64 rows.
-  static constexpr int blocks_per_sm = RowTiles == 1 ? 2 : 1;
+  /// Blocks per SM the register budget is set for. Single-buffered 16-row blocks: two (≤ 128
+  /// registers and ~95 KiB of shared memory each), so one computes while the other waits for
+  /// its keys. Otherwise one, which overlaps its own copies when pipelined.
+  static constexpr int blocks_per_sm = (RowTiles == 1 && !Pipelined) ? 2 : 1;
   static_assert(score_tiles * key_groups * 8 == keys, "DecodeShape: key tiles split evenly");
 
-  // Dynamic shared memory: Q tile, K block, P tile (16-bit), then per-row maxima and sums of each
-  // key group (fp32).
+  // Dynamic shared memory: Q tile, K buffers, P tile (16-bit), then per-row maxima and sums of
+  // each key group (fp32).
   static constexpr std::size_t q_elements = std::size_t(rows) * ld;
-  static constexpr std::size_t k_elements = std::size_t(keys) * ld;
+  static constexpr std::size_t value_elements = std::size_t(keys) * ldv;
+  static constexpr std::size_t k_elements =
+      Pipelined ? 2 * value_elements + std::size_t(keys) * ldr : std::size_t(keys) * ld;
   static constexpr std::size_t p_elements = std::size_t(rows) * ldp;
   static constexpr std::size_t stat_floats = std::size_t(key_groups) * rows;
   static constexpr std::size_t shared_bytes =
@@ -268,17 +296,81 @@ __device__ __forceinline__ void load_key_block(const daedalus::cuda::DeviceLaten
   }
 }
 
+/// Starts the copies of columns [col0, col1) (multiples of 8) of cached rows [key0, key0 + valid)
+/// of entry b into `dst` (row j at dst + j · dst_ld, column col0 first), zero-filling rows past
+/// `valid` and columns at or past D. Complete after wait_async_copies() and a barrier.
+template <class Element, int D, class Address>
+__device__ __forceinline__ void copy_key_columns(
+    const daedalus::cuda::DeviceLatentBatch<Address>& c, int b, int key0, int valid, int col0,
+    int col1, Element* dst, int dst_ld) {
+  constexpr int keys = DecodeTiling::key_block;
+  const int chunks = (col1 - col0) / 8;
+  for (int e = static_cast<int>(threadIdx.x); e < keys * chunks; e += DecodeTiling::threads) {
+    const int j = e / chunks, chunk = col0 / 8 + e % chunks;
+    Element* to = dst + j * dst_ld + (chunk * 8 - col0);
+    if (j < valid && chunk < D / 8) {
+      copy_async_16(to, reinterpret_cast<const Bytes16*>(c.row(b, key0 + j)) + chunk);
+    } else {
+      *reinterpret_cast<Bytes16*>(to) = Bytes16{{0u, 0u, 0u, 0u}};
+    }
+  }
+}
+
+/// s[j] += Q[16 rows] · K[key tile j]ᵀ over `Steps` k-steps: the query tile at `q_tile`, this
+/// warp's keys at `k_tile` (row-major, leading dimension `k_ld`), both from their first column.
+template <class Shape, int Steps, class Element>
+__device__ __forceinline__ void score_steps(daedalus::cuda::MmaAccumulator (&s)[Shape::score_tiles],
+                                            const Element* q_tile, const Element* k_tile, int k_ld,
+                                            int lane) {
+  for (int k = 0; k < Steps; ++k) {
+    const auto a = daedalus::cuda::load_fragment_a_x4(q_tile + k * 16, Shape::ld, lane);
+    if constexpr (Shape::score_tiles % 2 == 0) {
+      DAEDALUS_UNROLL
+      for (int j = 0; j < Shape::score_tiles; j += 2) {
+        const auto bf = daedalus::cuda::load_fragments_b_transposed_x4(
+            k_tile + j * 8 * k_ld + k * 16, k_ld, lane);
+        daedalus::cuda::mma_m16n8k16(s[j], a, bf.tile[0]);
+        daedalus::cuda::mma_m16n8k16(s[j + 1], a, bf.tile[1]);
+      }
+    } else {
+      DAEDALUS_UNROLL
+      for (int j = 0; j < Shape::score_tiles; ++j) {
+        const auto bf =
+            daedalus::cuda::load_fragment_b_transposed(k_tile + j * 8 * k_ld + k * 16, k_ld, lane);
+        daedalus::cuda::mma_m16n8k16(s[j], a, bf);
+      }
+    }
+  }
+}
+
+/// score_steps for one key tile per warp (16-row blocks): the even and odd k-steps go to two
+/// accumulators, added at the end, so that two independent products are in flight instead of
+/// one chain of dependent ones.
+template <class Shape, int Steps, class Element>
+__device__ __forceinline__ void score_steps_single(daedalus::cuda::MmaAccumulator& s,
+                                                   const Element* q_tile, const Element* k_tile,
+                                                   int k_ld, int lane) {
+  daedalus::cuda::MmaAccumulator odd{{0.0f, 0.0f, 0.0f, 0.0f}};
+  for (int k = 0; k < Steps; ++k) {
+    const auto a = daedalus::cuda::load_fragment_a_x4(q_tile + k * 16, Shape::ld, lane);
+    const auto bf = daedalus::cuda::load_fragment_b_transposed(k_tile + k * 16, k_ld, lane);
+    daedalus::cuda::mma_m16n8k16(k % 2 == 0 ? s : odd, a, bf);
+  }
+  DAEDALUS_UNROLL
+  for (int i = 0; i < 4; ++i) s.reg[i] += odd.reg[i];
+}
+
 /// Absorbed attention of one tile of folded query rows over key blocks [block0, block1) of entry
 /// b (DeepSeek-V2 section 2.1.2 with W_UK absorbed: score[r, t] = q[r] · [c_t ; k_pe_t] · scale,
 /// o[r] = Σ_t softmax(score)[r, t] · c_t). Online softmax (Milakov & Gimelshein 2018) in base 2;
 /// query row r of token i = r / n_heads sees keys t ≤ len - q_len + i (bottom-right causal).
 /// Writes the normalised rows to `out` when the entry is not split, else to its partial slot
 /// with the rows' log-sum-exp.
-template <class Element, int D, int V, int RowTiles, class Address>
+template <class Element, int D, int V, int RowTiles, bool Pipelined, class Address>
 __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address>& p,
                                              const DecodeSchedule& schedule, int b, int block0,
                                              int block1, int split, unsigned char* shared) {
-  using Shape = DecodeShape<D, V, RowTiles>;
+  using Shape = DecodeShape<D, V, RowTiles, Pipelined>;
   using daedalus::cuda::MmaAccumulator;
   constexpr int rows = Shape::rows, ld = Shape::ld, ldp = Shape::ldp;
   constexpr float neg_inf = -__builtin_huge_valf();
@@ -287,6 +379,8 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
   Element* p_shared = k_shared + Shape::k_elements;
   float* max_shared = reinterpret_cast<float*>(p_shared + Shape::p_elements);  // [groups][rows]
   float* sum_shared = max_shared + Shape::stat_floats;                         // [groups][rows]
+  // Pipelined: value buffers k_shared and k_shared + value_elements, rope buffer after both.
+  Element* rope_shared = k_shared + 2 * Shape::value_elements;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32, warp = tid / 32;
@@ -324,8 +418,10 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
   DAEDALUS_UNROLL
   for (int m = 0; m < RowTiles; ++m) {
     DAEDALUS_UNROLL
-    for (int v = 0; v < Shape::value_tiles; ++v) DAEDALUS_UNROLL
-    for (int i = 0; i < 4; ++i) acc[m][v].reg[i] = 0.0f;
+    for (int v = 0; v < Shape::value_tiles; ++v) {
+      DAEDALUS_UNROLL
+      for (int i = 0; i < 4; ++i) acc[m][v].reg[i] = 0.0f;
+    }
     DAEDALUS_UNROLL
     for (int h = 0; h < 2; ++h) {
       row_max[m][h] = neg_inf;
@@ -333,38 +429,62 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
     }
   }
 
+  if constexpr (Pipelined) {
+    // The first block's copies; later blocks are copied while their predecessor computes.
+    const int valid = len - block0 * Shape::keys;
+    copy_key_columns<Element, D>(p.cache, b, block0 * Shape::keys, valid, 0, V, k_shared,
+                                 Shape::ldv);
+    copy_key_columns<Element, D>(p.cache, b, block0 * Shape::keys, valid, V, Shape::d_pad,
+                                 rope_shared, Shape::ldr);
+  }
   for (int block = block0; block < block1; ++block) {
     const int key0 = block * Shape::keys;
-    const int valid = len - key0 < Shape::keys ? len - key0 : Shape::keys;
-    __syncthreads();  // the previous step is done with the K block, P and the row statistics
-    load_key_block<Element, D, Shape>(p.cache, b, key0, valid, k_shared);
-    __syncthreads();
+    // This block's value buffer (pipelined: alternating) and its leading dimension.
+    Element* value_shared =
+        Pipelined ? k_shared + ((block - block0) % 2) * Shape::value_elements : k_shared;
+    constexpr int value_ld = Pipelined ? Shape::ldv : ld;
+    const bool has_next = block + 1 < block1;
+    if constexpr (Pipelined) {
+      wait_async_copies();
+      __syncthreads();  // this block's keys have landed; the previous step is done with the
+                        // other value buffer, P and the row statistics
+      if (has_next) {
+        Element* next = k_shared + ((block + 1 - block0) % 2) * Shape::value_elements;
+        copy_key_columns<Element, D>(p.cache, b, key0 + Shape::keys, len - key0 - Shape::keys, 0, V,
+                                     next, Shape::ldv);
+      }
+    } else {
+      const int valid = len - key0 < Shape::keys ? len - key0 : Shape::keys;
+      __syncthreads();  // the previous step is done with the K block, P and the row statistics
+      load_key_block<Element, D, Shape>(p.cache, b, key0, valid, k_shared);
+      __syncthreads();
+    }
 
     // S = Q · Kᵀ for this warp's 16 rows × score_tiles · 8 keys.
     MmaAccumulator s[Shape::score_tiles];
     DAEDALUS_UNROLL
-    for (int j = 0; j < Shape::score_tiles; ++j) DAEDALUS_UNROLL
-    for (int i = 0; i < 4; ++i) s[j].reg[i] = 0.0f;
+    for (int j = 0; j < Shape::score_tiles; ++j) {
+      DAEDALUS_UNROLL
+      for (int i = 0; i < 4; ++i) s[j].reg[i] = 0.0f;
+    }
     const Element* q_tile = q_shared + score_tile * 16 * ld;
-    const Element* k_tile = k_shared + key_group * Shape::score_tiles * 8 * ld;
-    for (int k = 0; k < Shape::k_steps; ++k) {
-      const auto a = daedalus::cuda::load_fragment_a_x4(q_tile + k * 16, ld, lane);
-      if constexpr (Shape::score_tiles % 2 == 0) {
-        DAEDALUS_UNROLL
-        for (int j = 0; j < Shape::score_tiles; j += 2) {
-          const auto bf = daedalus::cuda::load_fragments_b_transposed_x4(
-              k_tile + j * 8 * ld + k * 16, ld, lane);
-          daedalus::cuda::mma_m16n8k16(s[j], a, bf.tile[0]);
-          daedalus::cuda::mma_m16n8k16(s[j + 1], a, bf.tile[1]);
-        }
+    const int key_row = key_group * Shape::score_tiles * 8;
+    if constexpr (Pipelined) {
+      if constexpr (Shape::score_tiles == 1) {
+        score_steps_single<Shape, Shape::value_steps>(
+            s[0], q_tile, value_shared + key_row * Shape::ldv, Shape::ldv, lane);
+        score_steps_single<Shape, Shape::k_steps - Shape::value_steps>(
+            s[0], q_tile + V, rope_shared + key_row * Shape::ldr, Shape::ldr, lane);
       } else {
-        DAEDALUS_UNROLL
-        for (int j = 0; j < Shape::score_tiles; ++j) {
-          const auto bf =
-              daedalus::cuda::load_fragment_b_transposed(k_tile + j * 8 * ld + k * 16, ld, lane);
-          daedalus::cuda::mma_m16n8k16(s[j], a, bf);
-        }
+        score_steps<Shape, Shape::value_steps>(s, q_tile, value_shared + key_row * Shape::ldv,
+                                               Shape::ldv, lane);
+        score_steps<Shape, Shape::k_steps - Shape::value_steps>(
+            s, q_tile + V, rope_shared + key_row * Shape::ldr, Shape::ldr, lane);
       }
+    } else if constexpr (Shape::score_tiles == 1) {
+      score_steps_single<Shape, Shape::k_steps>(s[0], q_tile, k_shared + key_row * ld, ld, lane);
+    } else {
+      score_steps<Shape, Shape::k_steps>(s, q_tile, k_shared + key_row * ld, ld, lane);
     }
     // Scale to base-2 units, mask, and this warp's maximum of each row.
     float block_max[2] = {neg_inf, neg_inf};
@@ -386,6 +506,13 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
       if (t == 0) max_shared[key_group * rows + score_tile * 16 + g + 8 * h] = block_max[h];
     }
     __syncthreads();
+    if constexpr (Pipelined) {
+      // Every warp is done with the rope buffer: the next block's rope part goes there now.
+      if (has_next) {
+        copy_key_columns<Element, D>(p.cache, b, key0 + Shape::keys, len - key0 - Shape::keys, V,
+                                     Shape::d_pad, rope_shared, Shape::ldr);
+      }
+    }
 
     // P = exp2(S - new running max), rounded to the storage type; its row sums (of the rounded
     // values, so that the normalisation matches the weights the value product uses).
@@ -458,8 +585,8 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
       for (int v = 0; v + 1 < Shape::value_tiles; v += 2) {
         const int col0 = (warp * Shape::value_tiles + v) * 8;
         if (col0 < V) {
-          const auto bf =
-              daedalus::cuda::load_fragments_b_x4(k_shared + k * 16 * ld + col0, ld, lane);
+          const auto bf = daedalus::cuda::load_fragments_b_x4(
+              value_shared + k * 16 * value_ld + col0, value_ld, lane);
           DAEDALUS_UNROLL
           for (int m = 0; m < RowTiles; ++m) {
             daedalus::cuda::mma_m16n8k16(acc[m][v], a[m], bf.tile[0]);
@@ -471,7 +598,8 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
         constexpr int v = Shape::value_tiles - 1;
         const int col0 = (warp * Shape::value_tiles + v) * 8;
         if (col0 < V) {
-          const auto bf = daedalus::cuda::load_fragment_b(k_shared + k * 16 * ld + col0, ld, lane);
+          const auto bf = daedalus::cuda::load_fragment_b(value_shared + k * 16 * value_ld + col0,
+                                                          value_ld, lane);
           DAEDALUS_UNROLL
           for (int m = 0; m < RowTiles; ++m) daedalus::cuda::mma_m16n8k16(acc[m][v], a[m], bf);
         }
@@ -511,9 +639,9 @@ __device__ __forceinline__ void attend_piece(const DecodeAttentionParams<Address
 /// from the schedule), blockIdx.y the tile of folded query rows. A part walks the entries its
 /// range touches; each intersection is one piece (a split of that entry when other parts share
 /// it). DecodeTiling::threads threads, DecodeShape::shared_bytes of dynamic shared memory.
-template <class Element, int D, int V, int RowTiles, class Address>
+template <class Element, int D, int V, int RowTiles, bool Pipelined, class Address>
 __global__ void __launch_bounds__(DecodeTiling::threads,
-                                  (DecodeShape<D, V, RowTiles>::blocks_per_sm))
+                                  (DecodeShape<D, V, RowTiles, Pipelined>::blocks_per_sm))
     decode_attention(DecodeAttentionParams<Address> p) {
   const DecodeSchedule schedule{p.schedule, p.cache.batch};
   const int per = schedule.blocks_per_part();
@@ -539,7 +667,7 @@ __global__ void __launch_bounds__(DecodeTiling::threads,
     const int block0 = (begin > entry_begin ? begin : entry_begin) - entry_begin;
     const int block1 = (end < entry_end ? end : entry_end) - entry_begin;
     const int split = part - entry_begin / per;
-    attend_piece<Element, D, V, RowTiles>(p, schedule, b, block0, block1, split, shared);
+    attend_piece<Element, D, V, RowTiles, Pipelined>(p, schedule, b, block0, block1, split, shared);
   }
 }
 

@@ -22,6 +22,11 @@
 /// Multi-head Latent Attention (DeepSeek-V2 paper, arXiv 2405.04434, section 2.1; DeepSeek-V3
 /// reference inference/model.py `MLA.forward`). The front validates every argument, then hands
 /// the work to `detail::MlaImpl<C, Backend>`, which each backend folder specialises.
+///
+/// The same functions serve every backend. Arguments live in the backend's memory space: host
+/// views, `MlaWeights<C>` and host caches with CpuBackend; device views, `DeviceMlaWeights<C>`
+/// (mla/cuda/weights.cuh) and device caches with CudaBackend. A `Weights` argument is any type
+/// with `config` (its MlaConfig) and `memory_space`; the front checks both at compile time.
 namespace daedalus::mla {
 
 /// How attention over the latent cache is computed. Both give the same result up to rounding.
@@ -51,6 +56,9 @@ struct MlaImpl {
                 "for CudaBackend");
 };
 
+/// Throws NumericError naming the first non-finite value of `count` host values, by row and
+/// column of rows `row_width` wide (the CPU backend's finiteness check; MlaImpl::require_finite
+/// is what the fronts call).
 inline void require_finite(std::string_view function, std::string_view argument, const float* data,
                            index_t count, index_t row_width) {
   for (index_t i = 0; i < count; ++i) {
@@ -96,6 +104,26 @@ constexpr void require_host_view() {
                 "read (e.g. a DeviceMemory view passed with CpuBackend)");
 }
 
+/// A layer's weights as the fronts take them: MlaWeights<C> (host) or DeviceMlaWeights<C, T>
+/// (device), or any type that names its config and where it lives.
+template <class W>
+concept LayerWeights = requires {
+  typename W::config;
+  typename W::memory_space;
+}
+&&MlaConfig<typename W::config>;
+
+/// The weights can be read by the backend and belong to the config of the cache (or views).
+template <class Backend, class Weights, class C>
+constexpr void require_weights() {
+  static_assert(std::is_same_v<typename Weights::memory_space, typename Backend::memory_space>,
+                "daedalus::mla: the weights live in a memory space this backend cannot read: pass "
+                "mla::MlaWeights<C> with CpuBackend and mla::DeviceMlaWeights<C> (uploaded once "
+                "from the MlaWeights) with CudaBackend");
+  static_assert(std::is_same_v<typename Weights::config, C>,
+                "daedalus::mla: the weights are of another MlaConfig than the cache");
+}
+
 }  // namespace detail
 
 /// The query and latent projections of one chunk (MLA.forward steps 1-3):
@@ -107,11 +135,13 @@ constexpr void require_host_view() {
 /// @param latent [tokens, kv_lora_rank + rope] out: the rows the cache stores
 /// @throws InvalidArgument for wrong extents, OutOfRange for start_pos < 0,
 ///         NumericError for non-finite x
-template <class Backend, MlaConfig C>
-void project(const Backend& backend, const MlaWeights<C>& weights, index_t start_pos,
+template <class Backend, detail::LayerWeights Weights>
+void project(const Backend& backend, const Weights& weights, index_t start_pos,
              TensorView<const float, 2, typename Backend::memory_space> x,
              TensorView<float, 3, typename Backend::memory_space> q,
              TensorView<float, 2, typename Backend::memory_space> latent) {
+  using C = typename Weights::config;
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::project";
   const index_t tokens = x.extent(0);
@@ -120,7 +150,7 @@ void project(const Backend& backend, const MlaWeights<C>& weights, index_t start
   daedalus::detail::check_extents(fn, "latent", latent, {tokens, S::latent_dim});
   daedalus::detail::require<OutOfRange>(start_pos >= 0, fn, ": 'start_pos' is ", start_pos,
                                         "; expected at least 0");
-  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::project(backend, weights, start_pos, x, q, latent);
 }
 
@@ -155,6 +185,7 @@ void absorbed_attention(const Backend& backend,
   daedalus::detail::check_extents(fn, "out_latent", out_latent,
                                   {batch, q_len, S::n_heads, S::kv_lora_rank});
   detail::require_cached_queries(fn, cache, seqs, q_len);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::absorbed_attention(backend, cache, seqs, q, scale, out_latent);
 }
 
@@ -201,12 +232,13 @@ void absorbed_attention(const Backend& backend,
 ///
 /// @param q   [batch, q_len, n_heads, qk_head_dim]: q_nope then rotated q_pe
 /// @param out [batch, q_len, n_heads, v_head_dim] out
-template <class Backend, MlaConfig C, class Storage>
-void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage>
+void naive_attention(const Backend& backend, const Weights& weights,
                      const ContiguousLatentCache<C, Backend, Storage>& cache,
                      std::span<const index_t> seqs,
                      TensorView<const float, 4, typename Backend::memory_space> q, double scale,
                      TensorView<float, 4, typename Backend::memory_space> out) {
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::naive_attention";
   const index_t batch = index_t(seqs.size());
@@ -214,6 +246,7 @@ void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
   daedalus::detail::check_extents(fn, "q", q, {batch, q_len, S::n_heads, S::qk_head_dim});
   daedalus::detail::check_extents(fn, "out", out, {batch, q_len, S::n_heads, S::v_head_dim});
   detail::require_cached_queries(fn, cache, seqs, q_len);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
   detail::MlaImpl<C, Backend>::naive_attention(backend, weights, cache, seqs, q, scale, out);
 }
 
@@ -223,14 +256,16 @@ void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
 /// @param q   [batch, q_len, n_heads, qk_head_dim]: q_nope then rotated q_pe
 /// @param out [batch, q_len, n_heads, v_head_dim] out
 /// @throws as the paged absorbed_attention; nothing is written when it throws.
-template <class Backend, MlaConfig C, class Storage, int BlockSize, class Space>
-void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize,
+          class Space>
+void naive_attention(const Backend& backend, const Weights& weights,
                      const PagedLatentView<C, Storage, BlockSize, Space>& cache,
                      TensorView<const float, 4, typename Backend::memory_space> q, double scale,
                      TensorView<float, 4, typename Backend::memory_space> out) {
   static_assert(std::is_same_v<Space, typename Backend::memory_space>,
                 "daedalus::mla::naive_attention: 'cache' (a PagedLatentView) lives in a memory "
                 "space this backend cannot read");
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::naive_attention";
   cache.validate(fn);
@@ -254,19 +289,21 @@ void naive_attention(const Backend& backend, const MlaWeights<C>& weights,
 /// @throws InvalidArgument (extents), OutOfRange (seq, start_pos > length(seq)),
 ///         CapacityError (start_pos + tokens > capacity(seq)), NumericError (non-finite x).
 ///         The cache is unchanged when it throws.
-template <class Backend, MlaConfig C, class Storage>
-void prefill(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage>
+void prefill(const Backend& backend, const Weights& weights,
              ContiguousLatentCache<C, Backend, Storage>& cache, index_t seq, index_t start_pos,
              TensorView<const float, 2, typename Backend::memory_space> x,
              TensorView<float, 2, typename Backend::memory_space> out,
              AttentionMode mode = AttentionMode::naive) {
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::prefill";
   const index_t tokens = x.extent(0);
   daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
   cache.check_write(fn, seq, start_pos, tokens);
-  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
                                        std::span<const index_t>(&start_pos, 1), tokens, x.data(),
                                        out.data(), mode);
@@ -285,12 +322,13 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
 /// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (unknown sequence),
 ///         CapacityError (a sequence would pass its capacity), NumericError (non-finite x).
 ///         The cache is unchanged when it throws.
-template <class Backend, MlaConfig C, class Storage>
-void decode(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage>
+void decode(const Backend& backend, const Weights& weights,
             ContiguousLatentCache<C, Backend, Storage>& cache, std::span<const index_t> seqs,
             TensorView<const float, 3, typename Backend::memory_space> x,
             TensorView<float, 3, typename Backend::memory_space> out,
             AttentionMode mode = AttentionMode::absorbed) {
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::decode";
   const index_t batch = index_t(seqs.size());
@@ -306,7 +344,8 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
     starts[b] = cache.length(seqs[b]);
     cache.check_write(fn, seqs[b], starts[b], q_len);
   }
-  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(),
                                        out.data(), mode);
 }
@@ -314,8 +353,8 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
 namespace detail {
 /// The paged `decode` overloads: validates everything (extents, ids, positions, pool capacity for
 /// the whole batch, finiteness) before the forward pass writes anything.
-template <class Backend, MlaConfig C, class Storage, int BlockSize>
-void paged_decode(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, class Weights, MlaConfig C, class Storage, int BlockSize>
+void paged_decode(const Backend& backend, const Weights& weights,
                   PagedLatentCache<C, Backend, Storage, BlockSize>& cache,
                   std::span<const index_t> seqs,
                   std::optional<std::span<const index_t>> start_positions,
@@ -347,7 +386,8 @@ void paged_decode(const Backend& backend, const MlaWeights<C>& weights,
                                           seqs[b], " holds ", length, " tokens)");
   }
   allocator.check_writes(fn, seqs, starts, q_len);
-  require_finite(fn, "x", x.data(), x.size(), S::dim);
+  MlaImpl<C, Backend>::require_cache(backend, fn, cache);
+  MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(), out.data(),
                                mode);
 }
@@ -362,19 +402,21 @@ void paged_decode(const Backend& backend, const MlaWeights<C>& weights,
 ///         length(seq)), CapacityError (the pool lacks the free blocks the chunk needs, copies
 ///         included), NumericError (non-finite x). The cache and allocator are unchanged when
 ///         it throws.
-template <class Backend, MlaConfig C, class Storage, int BlockSize>
-void prefill(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
+void prefill(const Backend& backend, const Weights& weights,
              PagedLatentCache<C, Backend, Storage, BlockSize>& cache, index_t seq,
              index_t start_pos, TensorView<const float, 2, typename Backend::memory_space> x,
              TensorView<float, 2, typename Backend::memory_space> out,
              AttentionMode mode = AttentionMode::naive) {
+  detail::require_weights<Backend, Weights, C>();
   using S = MlaShape<C>;
   constexpr std::string_view fn = "daedalus::mla::prefill";
   const index_t tokens = x.extent(0);
   daedalus::detail::check_extents(fn, "x", x, {tokens, S::dim});
   daedalus::detail::check_extents(fn, "out", out, {tokens, S::dim});
   cache.check_write(fn, seq, start_pos, tokens);
-  detail::require_finite(fn, "x", x.data(), x.size(), S::dim);
+  detail::MlaImpl<C, Backend>::require_cache(backend, fn, cache);
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   detail::MlaImpl<C, Backend>::forward(backend, weights, cache, std::span<const index_t>(&seq, 1),
                                        std::span<const index_t>(&start_pos, 1), tokens, x.data(),
                                        out.data(), mode);
@@ -390,12 +432,13 @@ void prefill(const Backend& backend, const MlaWeights<C>& weights,
 /// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (released or unknown
 ///         sequence), CapacityError (the pool lacks free blocks), NumericError (non-finite x).
 ///         The cache and allocator are unchanged when it throws.
-template <class Backend, MlaConfig C, class Storage, int BlockSize>
-void decode(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
+void decode(const Backend& backend, const Weights& weights,
             PagedLatentCache<C, Backend, Storage, BlockSize>& cache, std::span<const index_t> seqs,
             TensorView<const float, 3, typename Backend::memory_space> x,
             TensorView<float, 3, typename Backend::memory_space> out,
             AttentionMode mode = AttentionMode::absorbed) {
+  detail::require_weights<Backend, Weights, C>();
   detail::paged_decode(backend, weights, cache, seqs, std::nullopt, x, out, mode);
 }
 
@@ -410,13 +453,14 @@ void decode(const Backend& backend, const MlaWeights<C>& weights,
 /// @throws as the overload above, and OutOfRange for a start position outside [0, length] or
 ///         InvalidArgument when start_positions and seqs differ in size. Nothing changes when it
 ///         throws.
-template <class Backend, MlaConfig C, class Storage, int BlockSize>
-void decode(const Backend& backend, const MlaWeights<C>& weights,
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
+void decode(const Backend& backend, const Weights& weights,
             PagedLatentCache<C, Backend, Storage, BlockSize>& cache, std::span<const index_t> seqs,
             std::span<const index_t> start_positions,
             TensorView<const float, 3, typename Backend::memory_space> x,
             TensorView<float, 3, typename Backend::memory_space> out,
             AttentionMode mode = AttentionMode::absorbed) {
+  detail::require_weights<Backend, Weights, C>();
   detail::paged_decode(backend, weights, cache, seqs, start_positions, x, out, mode);
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
+#include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 
@@ -36,6 +37,9 @@ template <MlaConfig C>
 class MlaWeights {
  public:
   using Shape = MlaShape<C>;
+  using config = C;
+  /// Where the arrays live: the fronts take these weights with a host backend (CpuBackend).
+  using memory_space = HostMemory;
 
   /// Copies the arrays, checking that each has the size its role requires.
   /// @throws InvalidArgument naming the first array whose size is wrong.

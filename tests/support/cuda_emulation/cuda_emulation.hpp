@@ -1175,3 +1175,81 @@ struct alignas(16) float4 {
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 // ---- end of moe additions ----
+// ---- added for the absorbed MLA decode ----
+// Device attributes. The emulated device describes itself as a small sm_90-class part: 4
+// multiprocessors (kernels that size their grids from the SM count stay cheap to emulate) with
+// sm_90's 228 KiB of shared memory each. CUDA's enumerator values.
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  using namespace daedalus::cuda_emulation::detail;
+  if (value == nullptr || device != 0) {
+    return record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: null value or no such device");
+  }
+  switch (attribute) {
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = 4;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = 228 * 1024;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+  }
+  return record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute not emulated");
+}
+
+namespace daedalus::cuda_emulation {
+
+namespace detail {
+/// The 16-byte asynchronous copies (cp.async) each emulated thread has issued and not yet waited
+/// for, keyed by its fiber (the fibers of a block share one OS thread).
+struct PendingCopy {
+  void* shared_dst;
+  const void* global_src;
+};
+inline thread_local std::map<const Fiber*, std::vector<PendingCopy>> pending_copies;
+}  // namespace detail
+
+/// cp.async.cg.shared.global of 16 bytes: CUDA guarantees the copy only once the issuing thread
+/// has waited for it (cp.async.wait_group / wait_all), so the emulation performs it exactly then:
+/// a kernel that reads the destination before waiting (or, from another thread, before the
+/// barrier that follows the wait) reads the old contents.
+inline void copy_async_16(void* shared_dst, const void* global_src) {
+  detail::runner_or_die("cp.async");
+  detail::pending_copies[detail::current_fiber].push_back({shared_dst, global_src});
+}
+
+/// cp.async.commit_group + cp.async.wait_group 0: every copy this thread issued completes.
+inline void wait_async_copies() {
+  detail::runner_or_die("cp.async.wait_group");
+  const auto it = detail::pending_copies.find(detail::current_fiber);
+  if (it == detail::pending_copies.end()) return;
+  for (const detail::PendingCopy& copy : it->second)
+    std::memcpy(copy.shared_dst, copy.global_src, 16);
+  detail::pending_copies.erase(it);
+}
+
+}  // namespace daedalus::cuda_emulation
+// ---- end of the block added for the absorbed MLA decode ----
+// ---- added for MLA on the GPU ----
+// The cuBLAS subset (GEMMs with fp32 accumulation) that daedalus/cuda/blas.cuh calls.
+#include "cublas.hpp"
+// ---- end of MLA on the GPU ----

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -166,6 +167,20 @@ template <MlaConfig C>
 struct MlaImpl<C, CpuBackend> {
   using S = MlaShape<C>;
   using Traits = CpuAttentionTraits;
+
+  /// The backend's own checks of a cache argument: none on the CPU (every cache is host memory
+  /// and has no stream).
+  template <class Cache>
+  static void require_cache(const CpuBackend&, std::string_view, const Cache&) {}
+
+  /// The fronts' finiteness check of an input (x): a scan on the host, NumericError naming the
+  /// first non-finite value by row (over every leading extent) and column.
+  template <int Rank>
+  static void require_finite(const CpuBackend&, std::string_view function,
+                             std::string_view argument, HostView<const float, Rank> values) {
+    detail::require_finite(function, argument, values.data(), values.size(),
+                           values.extent(Rank - 1));
+  }
 
   /// RMSNorm of each row's first `width` values (DeepSeek `RMSNorm`: x / sqrt(mean(x²) + eps) · w),
   /// the sum of squares taken in double so wide rows lose nothing.

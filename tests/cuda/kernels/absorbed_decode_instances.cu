@@ -1,0 +1,27 @@
+// SPDX-License-Identifier: Apache-2.0
+// The absorbed-decode kernels that scripts/cuda-static-check.sh compiles on their own for sm_80
+// and sm_90a (to cubin, with -Xptxas -v) and inspects: no local-memory spills, HMMA in the SASS
+// of decode_attention. DeepSeek-V3's shapes over a paged bf16 pool: 512 + 64 latent, 64-row
+// tiles (128 heads), 32-row tiles (16 heads, two query tokens) and 16-row tiles (16 heads, one
+// query token); double-buffered (what sm_90 runs) and single-buffered (the fallback where the
+// shared memory of the double-buffered 64-row tile does not fit, sm_80).
+#include <daedalus/mla/cuda/decode_kernels.cuh>
+
+namespace daedalus::mla::cuda::detail {
+
+using PagedBatch = daedalus::cuda::PagedRowAddress;
+
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 4, true, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 2, true, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 1, true, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 4, false, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 2, false, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+template __global__ void decode_attention<__nv_bfloat16, 576, 512, 1, false, PagedBatch>(
+    DecodeAttentionParams<PagedBatch>);
+
+}  // namespace daedalus::mla::cuda::detail

@@ -61,8 +61,8 @@ fi
 
 # Sources with explicit instantiations of the kernels to check, and a regex (on the mangled
 # names) of the kernels that must use the tensor cores.
-KERNEL_SOURCES=(tests/cuda/kernels/mma_gemm_instances.cu)
-TENSOR_CORE_KERNELS='mma_gemm'
+KERNEL_SOURCES=(tests/cuda/kernels/mma_gemm_instances.cu tests/cuda/kernels/absorbed_decode_instances.cu)
+TENSOR_CORE_KERNELS='mma_gemm|decode_attention'
 ARCHS=(sm_80 sm_90a)
 
 failures=0

@@ -117,6 +117,102 @@ __device__ __forceinline__ MmaFragmentB<T> load_fragment_b(const T* tile, int ld
   return f;
 }
 
+/// Two B fragments side by side: the 16×8 tiles of columns n0..n0+7 and n0+8..n0+15.
+template <MmaElement T>
+struct MmaFragmentB2 {
+  MmaFragmentB<T> tile[2];
+};
+
+namespace detail {
+
+/// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l names row l % 8 of 8×8 matrix l / 8
+/// (16 bytes, 16-byte aligned, in shared memory) and receives, for each matrix k, register k:
+/// without .trans the pair (row l / 4, columns 2·(l % 4), +1), with .trans the pair (rows
+/// 2·(l % 4) and 2·(l % 4) + 1, column l / 4) (PTX ISA, "Warp-level matrix load instruction:
+/// ldmatrix"). All 32 lanes call it together. Under the emulation the same row addresses are
+/// exchanged between the lanes with shuffles and read as the instruction reads them, so a wrong
+/// address shows there too.
+template <bool Transposed, MmaElement T>
+__device__ __forceinline__ void load_matrices_x4(const T* row, int lane, std::uint32_t (&reg)[4]) {
+#if defined(__CUDA_ARCH__)
+  (void)lane;
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (Transposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                 : "r"(address));
+  }
+#elif defined(DAEDALUS_CUDA_EMULATION)
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (Transposed) {
+      const T* low = __shfl_sync(0xffffffffu, row, 8 * k + 2 * (lane % 4));
+      const T* high = __shfl_sync(0xffffffffu, row, 8 * k + 2 * (lane % 4) + 1);
+      reg[k] = pack_pair(low[lane / 4], high[lane / 4]);
+    } else {
+      const T* source = __shfl_sync(0xffffffffu, row, 8 * k + lane / 4);
+      reg[k] = load_pair(source + 2 * (lane % 4));
+    }
+  }
+#else
+  // The host pass of nvcc: device-only code, never run on the host.
+  (void)row;
+  (void)lane;
+  reg[0] = reg[1] = reg[2] = reg[3] = 0;
+#endif
+}
+
+}  // namespace detail
+
+/// The A fragment of the 16×16 tile at `tile` (row-major, leading dimension `ld`) with one
+/// ldmatrix.x4 instead of four loads per lane: the same registers as load_fragment_a. `tile` in
+/// shared memory, 16-byte aligned, `ld` a multiple of 8; all 32 lanes call it together.
+template <MmaElement T>
+__device__ __forceinline__ MmaFragmentA<T> load_fragment_a_x4(const T* tile, int ld, int lane) {
+  // Matrices 0..3: rows 0-7 / 8-15 (k % 2) of columns 0-7 / 8-15 (k / 2), as a0..a7 lie.
+  const int k = lane / 8;
+  MmaFragmentA<T> f;
+  detail::load_matrices_x4<false>(tile + ((k % 2) * 8 + lane % 8) * ld + (k / 2) * 8, lane, f.reg);
+  return f;
+}
+
+/// The B fragments of two adjacent 16×8 tiles stored transposed ([16 (n)][16 (k)] row-major at
+/// `tile`, as load_fragment_b_transposed reads one), with one ldmatrix.x4. Alignment as
+/// load_fragment_a_x4.
+template <MmaElement T>
+__device__ __forceinline__ MmaFragmentB2<T> load_fragments_b_transposed_x4(const T* tile, int ld,
+                                                                           int lane) {
+  // Matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+  const int k = lane / 8;
+  std::uint32_t reg[4];
+  detail::load_matrices_x4<false>(tile + ((k / 2) * 8 + lane % 8) * ld + (k % 2) * 8, lane, reg);
+  MmaFragmentB2<T> f;
+  f.tile[0].reg[0] = reg[0];
+  f.tile[0].reg[1] = reg[1];
+  f.tile[1].reg[0] = reg[2];
+  f.tile[1].reg[1] = reg[3];
+  return f;
+}
+
+/// The B fragments of two adjacent 16×8 tiles stored as is ([16 (k)][16 (n)] row-major at `tile`,
+/// as load_fragment_b reads one), with one ldmatrix.x4.trans. Alignment as load_fragment_a_x4.
+template <MmaElement T>
+__device__ __forceinline__ MmaFragmentB2<T> load_fragments_b_x4(const T* tile, int ld, int lane) {
+  // Matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), transposed.
+  const int k = lane / 8;
+  std::uint32_t reg[4];
+  detail::load_matrices_x4<true>(tile + ((k % 2) * 8 + lane % 8) * ld + (k / 2) * 8, lane, reg);
+  MmaFragmentB2<T> f;
+  f.tile[0].reg[0] = reg[0];
+  f.tile[0].reg[1] = reg[1];
+  f.tile[1].reg[0] = reg[2];
+  f.tile[1].reg[1] = reg[3];
+  return f;
+}
+
 /// acc += A·B for the warp's 16×16 A and 16×8 B fragments, fp32 accumulation. All 32 lanes of
 /// the warp must call it together (converged), as mma.sync.aligned requires.
 template <MmaElement T>

@@ -1166,3 +1166,41 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// ---- added for the absorbed MLA decode ----
+// Device attributes. The emulated device describes itself as a small sm_90-class part: 4
+// multiprocessors (kernels that size their grids from the SM count stay cheap to emulate) with
+// sm_90's 228 KiB of shared memory each. CUDA's enumerator values.
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+};
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  using namespace daedalus::cuda_emulation::detail;
+  if (value == nullptr || device != 0) {
+    return record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: null value or no such device");
+  }
+  switch (attribute) {
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = 4;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = 228 * 1024;
+      return cudaSuccess;
+  }
+  return record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute not emulated");
+}
+// ---- end of the block added for the absorbed MLA decode ----

@@ -1203,4 +1203,37 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
   }
   return record(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute not emulated");
 }
+
+namespace daedalus::cuda_emulation {
+
+namespace detail {
+/// The 16-byte asynchronous copies (cp.async) each emulated thread has issued and not yet waited
+/// for, keyed by its fiber (the fibers of a block share one OS thread).
+struct PendingCopy {
+  void* shared_dst;
+  const void* global_src;
+};
+inline thread_local std::map<const Fiber*, std::vector<PendingCopy>> pending_copies;
+}  // namespace detail
+
+/// cp.async.cg.shared.global of 16 bytes: CUDA guarantees the copy only once the issuing thread
+/// has waited for it (cp.async.wait_group / wait_all), so the emulation performs it exactly then:
+/// a kernel that reads the destination before waiting (or, from another thread, before the
+/// barrier that follows the wait) reads the old contents.
+inline void copy_async_16(void* shared_dst, const void* global_src) {
+  detail::runner_or_die("cp.async");
+  detail::pending_copies[detail::current_fiber].push_back({shared_dst, global_src});
+}
+
+/// cp.async.commit_group + cp.async.wait_group 0: every copy this thread issued completes.
+inline void wait_async_copies() {
+  detail::runner_or_die("cp.async.wait_group");
+  const auto it = detail::pending_copies.find(detail::current_fiber);
+  if (it == detail::pending_copies.end()) return;
+  for (const detail::PendingCopy& copy : it->second)
+    std::memcpy(copy.shared_dst, copy.global_src, 16);
+  detail::pending_copies.erase(it);
+}
+
+}  // namespace daedalus::cuda_emulation
 // ---- end of the block added for the absorbed MLA decode ----

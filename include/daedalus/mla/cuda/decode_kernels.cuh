@@ -73,9 +73,6 @@ struct DecodeShape {
   static constexpr int value_tiles =
       (value_tiles_total + DecodeTiling::warps - 1) / DecodeTiling::warps;  // n-tiles of O per warp
   static constexpr int ldp = keys + DecodeTiling::row_pad;
-  /// 16-byte loads of the K block a thread keeps in flight before it stores them (of 18 for a
-  /// 576-wide block), as many as the register budget below allows.
-  static constexpr int load_batch = 6;
   /// Blocks per SM the register budget is set for: two 16-row blocks (≤ 128 registers each, and
   /// ~95 KiB of shared memory each on sm_90), so one computes while the other waits for its
   /// keys; one block of 32 or 64 rows.
@@ -198,6 +195,33 @@ struct alignas(16) Bytes16 {
   std::uint32_t word[4];
 };
 
+/// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg, sm_80+: the
+/// data does not pass through registers, so a thread keeps all its copies of a key block in
+/// flight at once). Complete only after wait_async_copies() in the issuing thread, and visible to
+/// the block after the barrier that follows it.
+__device__ __forceinline__ void copy_async_16(void* shared_dst, const void* global_src) {
+#if defined(DAEDALUS_CUDA_EMULATION)
+  ::daedalus::cuda_emulation::copy_async_16(shared_dst, global_src);
+#elif defined(__CUDA_ARCH__)
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_src)
+               : "memory");
+#else
+  (void)shared_dst;
+  (void)global_src;
+#endif
+}
+
+/// Waits until every copy_async_16 this thread issued has landed.
+__device__ __forceinline__ void wait_async_copies() {
+#if defined(DAEDALUS_CUDA_EMULATION)
+  ::daedalus::cuda_emulation::wait_async_copies();
+#elif defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 /// Copies cached rows [key0, key0 + valid) of entry b into the K block in shared memory (row j at
 /// k_shared + j · Shape::ld), zero-filling rows past `valid` and columns past D, so that rows no
 /// query may see (past the sequence's end: poisoned or another sequence's data) contribute exact
@@ -209,30 +233,19 @@ __device__ __forceinline__ void load_key_block(const daedalus::cuda::DeviceLaten
   constexpr int keys = Shape::keys;
   if constexpr (D % 8 == 0) {
     // Rows of D 16-bit values are a whole number of 16-byte chunks (the pool is 256-byte
-    // aligned, rows are D · 2 bytes), as for DeepSeek's 576. A thread issues a batch of loads
-    // before it stores any, so that they are in flight together.
+    // aligned, rows are D · 2 bytes), as for DeepSeek's 576: asynchronous copies, all in flight
+    // together; zeros are stored directly.
     constexpr int chunks = Shape::d_pad / 8;
-    constexpr int total = keys * chunks;
-    constexpr int iterations = (total + threads - 1) / threads;
-    constexpr int batch = iterations < Shape::load_batch ? iterations : Shape::load_batch;
-    for (int first = 0; first < iterations; first += batch) {
-      Bytes16 value[batch];
-      DAEDALUS_UNROLL
-      for (int i = 0; i < batch; ++i) {
-        const int e = (first + i) * threads + static_cast<int>(threadIdx.x);
-        const int j = e / chunks, chunk = e % chunks;
-        value[i] = Bytes16{{0u, 0u, 0u, 0u}};
-        if (first + i < iterations && j < valid && chunk < D / 8)
-          value[i] = reinterpret_cast<const Bytes16*>(c.row(b, key0 + j))[chunk];
-      }
-      DAEDALUS_UNROLL
-      for (int i = 0; i < batch; ++i) {
-        const int e = (first + i) * threads + static_cast<int>(threadIdx.x);
-        const int j = e / chunks, chunk = e % chunks;
-        if (first + i < iterations && e < total)
-          *reinterpret_cast<Bytes16*>(k_shared + j * Shape::ld + chunk * 8) = value[i];
+    for (int e = static_cast<int>(threadIdx.x); e < keys * chunks; e += threads) {
+      const int j = e / chunks, chunk = e % chunks;
+      Element* dst = k_shared + j * Shape::ld + chunk * 8;
+      if (j < valid && chunk < D / 8) {
+        copy_async_16(dst, reinterpret_cast<const Bytes16*>(c.row(b, key0 + j)) + chunk);
+      } else {
+        *reinterpret_cast<Bytes16*>(dst) = Bytes16{{0u, 0u, 0u, 0u}};
       }
     }
+    wait_async_copies();
   } else {
     const Element zero = daedalus::cuda::from_float<Element>(0.0f);
     for (int e = static_cast<int>(threadIdx.x); e < keys * Shape::d_pad; e += threads) {

@@ -20,6 +20,7 @@
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/moe/cpu/gate_gemm.hpp"
+#include "daedalus/moe/cpu/gate_vector_route.hpp"
 #include "daedalus/moe/gate.hpp"
 
 /// The CPU gate. Tokens are independent: the batch is cut into fixed chunks (their boundaries
@@ -37,9 +38,9 @@ using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
 using AlignedArrayMap = Eigen::Map<Eigen::ArrayXf, Eigen::AlignedMax>;
 using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
-/// Largest k the fixed-size top-k buffer of route_scored_token holds.
+/// Largest k the fixed-size top-k buffer of route_scored_token_generic holds.
 inline constexpr int kMaxTopk = 64;
-/// Largest n_expert_groups the fixed-size range buffer of route_scored_token holds.
+/// Largest n_expert_groups the fixed-size range buffer of route_scored_token_generic holds.
 inline constexpr int kMaxGroups = 256;
 
 /// Scratch one thread reuses across its tokens.
@@ -139,7 +140,8 @@ inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top
   };
   int e = e0;
 #if defined(__AVX512F__)
-  // The same filter, scalar insertion (route_scored_token takes top_k_threshold for k ≤ 16).
+  // The same filter, scalar insertion (route_scored_token_generic takes top_k_threshold for k ≤
+  // 16).
   for (; e < e1; e += 16) {
     const int n = std::min(16, e1 - e);
     const __mmask16 valid = __mmask16((1u << n) - 1u);
@@ -230,10 +232,11 @@ inline void top_k_threshold(const float* selection, const int* ranges, int n_ran
 }
 #endif
 
-/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6). Writes k ids and
-/// weights.
-inline void route_scored_token(const GateSettings& settings, const float* bias,
-                               TokenScratch& scratch, std::int32_t* ids, float* weights) {
+/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6), for any settings
+/// and any CPU: the portable path, and the oracle of the vector path (`route_scored_token`).
+/// Writes k ids and weights.
+inline void route_scored_token_generic(const GateSettings& settings, const float* bias,
+                                       TokenScratch& scratch, std::int32_t* ids, float* weights) {
   const int experts = settings.n_routed_experts;
   const int k = settings.topk;
   const float* scores = scratch.scores.data();
@@ -312,6 +315,23 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   }
 
   finish_token(settings, scores, top_id, ids, weights);
+}
+
+/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6) on the AVX-512
+/// vector path (cpu/gate_vector_route.hpp) when it covers the settings, else on the generic
+/// path; both give the same ids and weights, bit for bit.
+inline void route_scored_token(const GateSettings& settings, const float* bias,
+                               TokenScratch& scratch, std::int32_t* ids, float* weights) {
+#if defined(__AVX512F__)
+  if (vector_route_applies(settings)) {
+    std::int32_t top_id[kVectorMaxTopk];
+    route_top_k_vector(settings, scratch.scores.data(), bias, scratch.selection.data(),
+                       scratch.candidate_value.data(), scratch.candidate_id.data(), top_id);
+    finish_token(settings, scratch.scores.data(), top_id, ids, weights);
+    return;
+  }
+#endif
+  route_scored_token_generic(settings, bias, scratch, ids, weights);
 }
 
 /// Collects the lowest failing token of each thread; after the parallel region the lowest of

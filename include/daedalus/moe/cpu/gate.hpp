@@ -440,10 +440,11 @@ struct GateImpl<CpuBackend> {
     std::copy(weights.begin(), weights.end(), topk_weights.data());
   }
 
+  /// `weight` [E, dim] and the same weight packed (`packed_weight`, GateWeights' panel layout).
   static void route(const CpuBackend& cpu, const GateSettings& settings,
-                    HostView<const float, 2> weight, HostView<const float, 1> bias,
-                    HostView<const float, 2> x, HostView<std::int32_t, 2> topk_ids,
-                    HostView<float, 2> topk_weights) {
+                    HostView<const float, 2> weight, HostView<const float, 2> packed_weight,
+                    HostView<const float, 1> bias, HostView<const float, 2> x,
+                    HostView<std::int32_t, 2> topk_ids, HostView<float, 2> topk_weights) {
     constexpr std::string_view fn = "daedalus::moe::route";
     check_topk_limit(fn, settings);
     const index_t tokens = x.extent(0);
@@ -480,10 +481,6 @@ struct GateImpl<CpuBackend> {
       const index_t chunk = cpu_gate::chunk_tokens(tokens);
       const index_t chunks = (tokens + chunk - 1) / chunk;
       const index_t stride = cpu_gate::padded_experts(experts);
-      std::vector<float> packed;
-#if defined(__AVX512F__)
-      cpu_gate::pack_gate_weight(team_cpu, weight.data(), experts, dim, packed);
-#endif
       std::vector<std::vector<float>> logits(std::size_t(team_cpu.num_threads()));
       std::vector<cpu_gate::TokenScratch> scratch(std::size_t(team_cpu.num_threads()),
                                                   cpu_gate::TokenScratch(settings));
@@ -491,8 +488,8 @@ struct GateImpl<CpuBackend> {
         const index_t c0 = c * chunk, n = std::min(chunk, tokens - c0);
         std::vector<float>& l = logits[std::size_t(team)];
         if (l.size() < std::size_t(chunk * stride)) l.resize(std::size_t(chunk * stride));
-        compute_chunk_logits(x.data() + c0 * dim, n, dim, weight.data(), packed.data(), experts,
-                             l.data(), stride);
+        compute_chunk_logits(x.data() + c0 * dim, n, dim, weight.data(), packed_weight.data(),
+                             experts, l.data(), stride);
         cpu_gate::route_rows(settings, l.data(), stride, b, c0, c0 + n, c0,
                              scratch[std::size_t(team)], ids.data(), weights.data(), failure, team);
       });

@@ -126,16 +126,16 @@ inline __m512 reduce_groups(TopTwo pair[8]) {
 
 /// rank(lane) = #{j < n : v_j > v_lane} + #{j < lane, j < n : v_j == v_lane}: the position of
 /// each lane in the order (value descending, lane ascending) among lanes [0, n). Lanes ≥ n with
-/// -inf values take the ranks after the finite ones.
-inline __m512i rank_lanes(__m512 v, const float* values, int n) {
+/// -inf values rank after the finite ones (all at n when n < 16 lanes are compared).
+inline __m512i rank_lanes(__m512 v, int n) {
   __m512i rank = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi32(1);
   for (int j = 0; j < n; ++j) {
-    const __m512 vj = _mm512_set1_ps(values[j]);
+    const __m512 vj = _mm512_permutexvar_ps(_mm512_set1_epi32(j), v);
     const __mmask16 later = __mmask16(0xFFFFu << unsigned(j + 1));
-    const __mmask16 ahead = __mmask16(_mm512_cmp_ps_mask(vj, v, _CMP_GT_OQ) |
-                                      (_mm512_cmp_ps_mask(vj, v, _CMP_EQ_OQ) & later));
-    rank = _mm512_mask_add_epi32(rank, ahead, rank, one);
+    rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(vj, v, _CMP_GT_OQ), rank, one);
+    rank =
+        _mm512_mask_add_epi32(rank, _mm512_mask_cmp_ps_mask(later, vj, v, _CMP_EQ_OQ), rank, one);
   }
   return rank;
 }
@@ -190,11 +190,9 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
       pair[g] = p;
     }
     const __m512 group_score = top2 ? reduce_groups<true>(pair) : reduce_groups<false>(pair);
-    alignas(64) float group_scores[16];
-    _mm512_store_ps(group_scores, group_score);
     // Only lanes [0, groups) are real groups: rank_lanes compares against those alone, and the
     // other lanes' ranks are masked off.
-    const __m512i rank = rank_lanes(group_score, group_scores, groups);
+    const __m512i rank = rank_lanes(group_score, groups);
     kept = unsigned(_mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(settings.n_limited_groups))) &
            ((1u << unsigned(groups)) - 1u);
   }
@@ -209,15 +207,17 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
                                     _mm512_maskz_loadu_ps(valid, group + std::ptrdiff_t{16} * v));
     }
   }
-  alignas(64) float maxima[16];
-  _mm512_store_ps(maxima, lane_max);
-  const __m512i lane_rank = rank_lanes(lane_max, maxima, 16);
+  const __m512i lane_rank = rank_lanes(lane_max, 16);
   const __m512 tau = _mm512_set1_ps(_mm512_cvtss_f32(_mm512_maskz_compress_ps(
       _mm512_cmpeq_epi32_mask(lane_rank, _mm512_set1_epi32(k - 1)), lane_max)));
 
-  // Step 4b: the candidates ≥ τ in increasing id order. Register compress, then a full store
-  // (16 lanes of slack): Zen 4 microcodes the memory form of vcompressps.
+  // Step 4b: the candidates ≥ τ in increasing id order, gathered into registers (the first 16:
+  // each vector's compressed candidates are expanded into the lanes after the previous ones) and
+  // into memory for the fallback below. Register compress, then a full store (16 lanes of
+  // slack): Zen 4 microcodes the memory form of vcompressps.
   const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 first_values = neg_inf;
+  __m512i first_ids = _mm512_setzero_si512();
   int count = 0;
   for (unsigned m = kept; m != 0; m &= m - 1) {
     const int first_expert = __builtin_ctz(m) * per_group;
@@ -226,23 +226,29 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
       const __mmask16 valid = first_lanes(per_group - 16 * v);
       const __m512 x = _mm512_maskz_loadu_ps(valid, sel + e);
       const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, tau, _CMP_GE_OQ);
-      _mm512_storeu_ps(cand_value + count, _mm512_maskz_compress_ps(keep, x));
-      _mm512_storeu_si512(
-          cand_id + count,
-          _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane_ids, _mm512_set1_epi32(e))));
-      count += __builtin_popcount(unsigned(keep));
+      const __m512 values = _mm512_maskz_compress_ps(keep, x);
+      const __m512i ids =
+          _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane_ids, _mm512_set1_epi32(e)));
+      _mm512_storeu_ps(cand_value + count, values);
+      _mm512_storeu_si512(cand_id + count, ids);
+      const int kept_here = __builtin_popcount(unsigned(keep));
+      // Lanes [count, count + kept_here) of 16; none once count reaches 16.
+      const __mmask16 into = __mmask16(((1u << unsigned(kept_here)) - 1u) << unsigned(count));
+      first_values = _mm512_mask_expand_ps(first_values, into, values);
+      first_ids = _mm512_mask_expand_epi32(first_ids, into, ids);
+      count += kept_here;
     }
   }
 
-  // Step 4c: order them. Up to 16: ranks by counting (16 fixed rounds; lanes past `count` are
-  // -inf, ranked last), each rank the slot of its candidate.
+  // Step 4c: order them. Up to 16: ranks by counting, each rank the slot of its candidate (lanes
+  // past `count` are -inf and all rank `count`, a slot past the k read).
   if (count <= 16) {
-    _mm512_storeu_ps(cand_value, _mm512_mask_loadu_ps(neg_inf, first_lanes(count), cand_value));
-    const __m512 values = _mm512_loadu_ps(cand_value);
     alignas(64) std::int32_t rank[16];
-    _mm512_store_si512(rank, rank_lanes(values, cand_value, 16));
-    std::int32_t slot_id[16];
-    for (int i = 0; i < 16; ++i) slot_id[rank[i]] = cand_id[i];
+    alignas(64) std::int32_t id[16];
+    _mm512_store_si512(rank, rank_lanes(first_values, count));
+    _mm512_store_si512(id, first_ids);
+    std::int32_t slot_id[17];
+    for (int i = 0; i < 16; ++i) slot_id[rank[i]] = id[i];
     for (int j = 0; j < k; ++j) top_id[j] = slot_id[j];
     return;
   }

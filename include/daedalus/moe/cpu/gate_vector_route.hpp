@@ -131,7 +131,9 @@ inline __m512i rank_lanes(__m512 v, int n) {
   __m512i rank = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi32(1);
   for (int j = 0; j < n; ++j) {
-    const __m512 vj = _mm512_permutexvar_ps(_mm512_set1_epi32(j), v);
+    // The zero-masking form (all lanes kept): the plain one makes GCC 12 warn about its
+    // undefined pass-through operand inside this loop.
+    const __m512 vj = _mm512_maskz_permutexvar_ps(__mmask16(0xFFFF), _mm512_set1_epi32(j), v);
     const __mmask16 later = __mmask16(0xFFFFu << unsigned(j + 1));
     rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(vj, v, _CMP_GT_OQ), rank, one);
     rank =

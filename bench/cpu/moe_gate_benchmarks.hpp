@@ -7,6 +7,8 @@
 //   routing. FLOP/s, peak_fraction (of DAEDALUS_PEAK_GFLOPS, default 226) and tokens/s.
 // - BM_gate_routing<C>/tokens:N: moe::route_logits on precomputed logits: the routing part alone
 //   (scores, selection bias, group limit, top-k, weights); ns_per_token.
+// - BM_gate_routing_path<C>/vector:V/tokens:N: steps 2-6 alone (scores precomputed), one thread,
+//   on the generic path (V = 0) or the AVX-512 vector path (V = 1); ns_per_token.
 //
 // DeepSeek-V3's shapes (7168 → 256 experts, 8 groups / 4, top-8) at 1, 64 and 4096 tokens; the
 // same for Tiny (96 → 12 experts, 4 groups / 2, top-3) as the smoke set.
@@ -93,6 +95,47 @@ void BM_gate_routing(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * tokens);
 }
 
+/// The routing of one token after its scores, on one thread, by path: 0 = the generic path
+/// (cpu_gate::route_scored_token_generic), 1 = the dispatching one (the AVX-512 vector path when
+/// it covers the settings). Scores are computed once beforehand, so only steps 2-6 are timed.
+template <class C>
+void BM_gate_routing_path(benchmark::State& state) {
+  const bool vector_path = state.range(0) != 0;
+  const index_t tokens = state.range(1);
+  const auto& gate = gate_weights<C>();
+  const auto settings = moe::GateSettings::from_config<C>();
+  const int experts = C::n_routed_experts, k = C::n_activated_experts;
+  const std::vector<float> logits = uniform(std::size_t(tokens) * experts, 13, 2.0f);
+  std::vector<moe::cpu_gate::TokenScratch> scratch;
+  scratch.reserve(std::size_t(tokens));
+  for (index_t t = 0; t < tokens; ++t) {
+    scratch.emplace_back(settings);
+    moe::cpu_gate::token_scores(settings.score_func, logits.data() + t * experts, experts,
+                                scratch.back());
+  }
+  const float* bias = gate.has_bias() ? gate.bias().data() : nullptr;
+  std::vector<std::int32_t> ids(std::size_t(tokens) * k);
+  std::vector<float> weights(ids.size());
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    for (index_t t = 0; t < tokens; ++t) {
+      auto& s = scratch[std::size_t(t)];
+      if (vector_path)
+        moe::cpu_gate::route_scored_token(settings, bias, s, ids.data() + t * k,
+                                          weights.data() + t * k);
+      else
+        moe::cpu_gate::route_scored_token_generic(settings, bias, s, ids.data() + t * k,
+                                                  weights.data() + t * k);
+    }
+    benchmark::DoNotOptimize(ids.data());
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  state.counters["ns_per_token"] =
+      benchmark::Counter(seconds * 1e9 / (double(state.iterations()) * double(tokens)));
+  state.SetItemsProcessed(state.iterations() * tokens);
+}
+
 // threads: 0 = the default backend (every thread OpenMP reports); 1 = one thread, whose CPU
 // time column is the single-core cost even on a busy machine.
 BENCHMARK_TEMPLATE(BM_gate, DeepSeekV3)
@@ -109,6 +152,12 @@ BENCHMARK_TEMPLATE(BM_gate_routing, DeepSeekV3)
     ->Args({64, 0})
     ->Args({4096, 0})
     ->Args({4096, 1})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_gate_routing_path, DeepSeekV3)
+    ->ArgNames({"vector", "tokens"})
+    ->Args({0, 4096})
+    ->Args({1, 4096})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_gate, Tiny)

@@ -4,6 +4,7 @@
 // selection bias are compared before and after.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <daedalus/config/presets.hpp>
@@ -211,4 +212,29 @@ TEST_CASE("a failed training step updates neither the load statistics nor the bi
   CHECK(std::vector<std::int64_t>(stats.total_counts().begin(), stats.total_counts().end()) ==
         total_before);
   CHECK(stats.steps() == 1);
+}
+
+TEST_CASE("GateWeights::set_weight rejects wrong extents and non-finite values; gate unchanged") {
+  using C = daedalus::Tiny;
+  auto gate = moe::GateWeights<C>::random(dt::stream_seed(4640));
+  const std::vector<float> weight_before(gate.weight().data(),
+                                         gate.weight().data() + gate.weight().size());
+  const std::vector<float> packed_before(gate.packed_weight().data(),
+                                         gate.packed_weight().data() + gate.packed_weight().size());
+  dt::Random rng(4641);
+  std::vector<float> w = rng.uniform(std::size_t(C::n_routed_experts) * C::dim);
+  CHECK(contains(
+      message_of<daedalus::InvalidArgument>([&] {
+        gate.set_weight(HostView<const float, 2>(w.data(), {C::n_routed_experts - 1, C::dim}));
+      }),
+      "daedalus::moe::GateWeights::set_weight: 'weight' has extents [11,96]; expected "
+      "[12,96]"));
+  w[5 * C::dim + 17] = std::numeric_limits<float>::infinity();
+  CHECK(
+      contains(message_of<daedalus::NumericError>([&] {
+                 gate.set_weight(HostView<const float, 2>(w.data(), {C::n_routed_experts, C::dim}));
+               }),
+               "'weight' holds a non-finite value at expert 5, column 17"));
+  CHECK(std::equal(weight_before.begin(), weight_before.end(), gate.weight().data()));
+  CHECK(std::equal(packed_before.begin(), packed_before.end(), gate.packed_weight().data()));
 }

@@ -305,6 +305,61 @@ TEST_CASE("ties go to the lower expert id and the lower group id") {
   }
 }
 
+TEST_CASE_TEMPLATE("GateWeights keeps its packed copy in step with the weight", C, daedalus::Tiny,
+                   daedalus::DeepSeekV2) {
+  // The packed layout, element by element: packed[p][d][j] = W[64p + j][d], 0 past the experts
+  // (Tiny: 12 experts in one panel of 64; V2: 160 in three), for random(), then after set_weight.
+  auto gate = moe::GateWeights<C>::random(dt::stream_seed(4510));
+  auto check_layout = [&] {
+    const float* w = gate.weight().data();
+    const float* packed = gate.packed_weight().data();
+    CHECK(gate.packed_weight().extent(1) == 64);
+    REQUIRE(gate.packed_weight().extent(0) == (C::n_routed_experts + 63) / 64 * C::dim);
+    CHECK(reinterpret_cast<std::uintptr_t>(packed) % 64 == 0);
+    int mismatches = 0;
+    for (index_t p = 0; p * 64 < C::n_routed_experts; ++p) {
+      for (index_t d = 0; d < C::dim; ++d) {
+        for (index_t j = 0; j < 64; ++j) {
+          const index_t e = p * 64 + j;
+          const float want = e < C::n_routed_experts ? w[e * C::dim + d] : 0.0f;
+          mismatches += packed[(p * C::dim + d) * 64 + j] != want;
+        }
+      }
+    }
+    CHECK(mismatches == 0);
+  };
+  check_layout();
+
+  // set_weight: the gate then routes exactly as a gate built from the same arrays.
+  dt::Random rng(4511);
+  const std::vector<float> w2 =
+      rng.uniform(std::size_t(C::n_routed_experts) * C::dim, 1.0 / std::sqrt(double(C::dim)));
+  gate.set_weight(HostView<const float, 2>(w2.data(), {C::n_routed_experts, C::dim}));
+  check_layout();
+  const auto fresh = moe::GateWeights<C>::from_arrays(
+      HostView<const float, 2>(w2.data(), {C::n_routed_experts, C::dim}), gate.bias());
+  const int tokens = 50, k = C::n_activated_experts;
+  const std::vector<float> x = rng.uniform(std::size_t(tokens) * C::dim);
+  std::vector<std::int32_t> ids_set(std::size_t(tokens) * k), ids_fresh(ids_set.size());
+  std::vector<float> w_set(ids_set.size()), w_fresh(ids_set.size());
+  moe::route(CpuBackend(2), gate, HostView<const float, 2>(x.data(), {tokens, C::dim}),
+             HostView<std::int32_t, 2>(ids_set.data(), {tokens, k}),
+             HostView<float, 2>(w_set.data(), {tokens, k}));
+  moe::route(CpuBackend(2), fresh, HostView<const float, 2>(x.data(), {tokens, C::dim}),
+             HostView<std::int32_t, 2>(ids_fresh.data(), {tokens, k}),
+             HostView<float, 2>(w_fresh.data(), {tokens, k}));
+  CHECK(ids_set == ids_fresh);
+  CHECK(w_set == w_fresh);
+  // And not as the old weight did (the new weight matters).
+  const auto old_gate = moe::GateWeights<C>::random(dt::stream_seed(4510));
+  std::vector<std::int32_t> ids_old(ids_set.size());
+  std::vector<float> w_old(ids_set.size());
+  moe::route(CpuBackend(2), old_gate, HostView<const float, 2>(x.data(), {tokens, C::dim}),
+             HostView<std::int32_t, 2>(ids_old.data(), {tokens, k}),
+             HostView<float, 2>(w_old.data(), {tokens, k}));
+  CHECK(ids_old != ids_set);
+}
+
 TEST_CASE("moe::route is bitwise identical across thread counts") {
   using C = daedalus::DeepSeekV3;
   const auto gate = moe::GateWeights<C>::random(dt::stream_seed(4500));

@@ -3,7 +3,9 @@
 
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <random>
 #include <string_view>
 #include <type_traits>
@@ -130,32 +132,75 @@ struct GateSettings {
   }
 };
 
+namespace detail {
+
+/// Experts per panel of a packed gate weight (GateWeights::packed_weight): 4 zmm of fp32.
+inline constexpr index_t kGatePanel = 64;
+
+/// Storage aligned to a cache line (64 bytes), so that every 64-float row of a packed panel is
+/// one line and one aligned 512-bit load per 16 floats.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  explicit CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete (p, std::align_val_t{64}); }
+  friend bool operator==(const CacheLineAllocator&, const CacheLineAllocator&) { return true; }
+};
+
+/// The gate weight W [experts, dim] as panels of kGatePanel experts, depth-major:
+/// packed[p][d][j] = W[64p + j][d], zero for experts past E. The layout the CPU gate GEMM streams
+/// (moe/cpu/gate_gemm.hpp): a panel row is one x value's 64 products.
+inline void pack_gate_panels(const float* w, index_t experts, index_t dim, float* packed) {
+  const index_t panels = (experts + kGatePanel - 1) / kGatePanel;
+  for (index_t p = 0; p < panels; ++p) {
+    float* panel = packed + p * dim * kGatePanel;
+    for (index_t j = 0; j < kGatePanel; ++j) {
+      const index_t e = p * kGatePanel + j;
+      if (e < experts) {
+        for (index_t d = 0; d < dim; ++d) panel[d * kGatePanel + j] = w[e * dim + d];
+      } else {
+        for (index_t d = 0; d < dim; ++d) panel[d * kGatePanel + j] = 0.0f;
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
 /// The gate's parameters for config `C`: the weight [n_routed_experts, dim] (DeepSeek's
 /// `gate.weight`, [out, in]) and, when the config has one, the selection bias [n_routed_experts]
 /// (`e_score_correction_bias`, fp32). The bias is mutable: a BiasBalancer updates it.
+///
+/// The weight is also kept packed (`packed_weight`, the layout of detail::pack_gate_panels), so
+/// that a gate call only streams it: packing 7.3 MB on every call (DeepSeek-V3) costs more than
+/// the GEMM at small batches. The copy is made when the weight is set (construction,
+/// `set_weight`), never lazily, so concurrent const use (several threads routing through one
+/// gate) reads only; it doubles the gate's memory (2 × E × dim × 4 bytes).
 template <MoeConfig C>
 class GateWeights {
  public:
   static constexpr int experts = C::n_routed_experts;
   static constexpr int dim = C::dim;
   static constexpr bool has_bias_by_default = detail::config_has_selection_bias<C>();
+  static constexpr index_t panels = (experts + detail::kGatePanel - 1) / detail::kGatePanel;
 
   /// Zero weight; a zero bias (BiasMode::additive's neutral value) when the config has one.
   GateWeights()
       : weight_(std::size_t(experts) * dim, 0.0f),
+        packed_(std::size_t(panels * dim * detail::kGatePanel), 0.0f),
         bias_(has_bias_by_default ? std::size_t(experts) : 0, 0.0f) {}
 
   /// Copies a weight [experts, dim] and a bias [experts], or no bias (an empty view).
   /// @throws InvalidArgument for wrong extents; NumericError for a non-finite value.
   static GateWeights from_arrays(HostView<const float, 2> weight, HostView<const float, 1> bias) {
     constexpr std::string_view fn = "daedalus::moe::GateWeights::from_arrays";
-    daedalus::detail::check_extents(fn, "weight", weight, {experts, dim});
+    check_weight(fn, weight);
     if (bias.extent(0) != 0) daedalus::detail::check_extents(fn, "bias", bias, {experts});
-    for (index_t i = 0; i < weight.size(); ++i) {
-      daedalus::detail::require<NumericError>(std::isfinite(weight.data()[i]), fn,
-                                              ": 'weight' holds a non-finite value at expert ",
-                                              i / dim, ", column ", i % dim);
-    }
     for (index_t i = 0; i < bias.extent(0); ++i) {
       daedalus::detail::require<NumericError>(std::isfinite(bias.data()[i]), fn,
                                               ": 'bias' holds a non-finite value at expert ", i);
@@ -163,6 +208,7 @@ class GateWeights {
     GateWeights g;
     g.weight_.assign(weight.data(), weight.data() + weight.size());
     g.bias_.assign(bias.data(), bias.data() + bias.extent(0));
+    g.repack();
     return g;
   }
 
@@ -174,12 +220,29 @@ class GateWeights {
     const double scale = 1.0 / std::sqrt(double(dim));
     for (float& w : g.weight_) w = float((double(rng() >> 11) * 0x1p-53 * 2.0 - 1.0) * scale);
     for (float& b : g.bias_) b = float((double(rng() >> 11) * 0x1p-53 * 2.0 - 1.0) * 0.05);
+    g.repack();
     return g;
   }
 
-  /// [experts, dim]
+  /// Replaces the weight [experts, dim] (and its packed copy); the bias is kept.
+  /// @throws InvalidArgument for wrong extents; NumericError for a non-finite value. On a throw
+  ///         the gate is unchanged.
+  void set_weight(HostView<const float, 2> weight) {
+    check_weight("daedalus::moe::GateWeights::set_weight", weight);
+    std::vector<float> w(weight.data(), weight.data() + weight.size());
+    PackedStorage packed(packed_.size());
+    detail::pack_gate_panels(w.data(), experts, dim, packed.data());
+    weight_.swap(w);
+    packed_.swap(packed);
+  }
+
+  /// [experts, dim], read-only: change it with set_weight, which keeps the packed copy in step.
   [[nodiscard]] HostView<const float, 2> weight() const { return {weight_.data(), {experts, dim}}; }
-  [[nodiscard]] HostView<float, 2> weight() { return {weight_.data(), {experts, dim}}; }
+  /// The weight as `panels` panels of [dim, 64] (detail::pack_gate_panels), viewed as
+  /// [panels · dim, 64]; 64-byte aligned.
+  [[nodiscard]] HostView<const float, 2> packed_weight() const {
+    return {packed_.data(), {panels * dim, detail::kGatePanel}};
+  }
   [[nodiscard]] bool has_bias() const { return !bias_.empty(); }
   /// [experts], or extent 0 when the gate has no selection bias.
   [[nodiscard]] HostView<const float, 1> bias() const {
@@ -191,7 +254,21 @@ class GateWeights {
   void set_has_bias(bool on) { bias_.assign(on ? std::size_t(experts) : 0, 0.0f); }
 
  private:
+  using PackedStorage = std::vector<float, detail::CacheLineAllocator<float>>;
+
+  static void check_weight(std::string_view fn, const HostView<const float, 2>& weight) {
+    daedalus::detail::check_extents(fn, "weight", weight, {experts, dim});
+    for (index_t i = 0; i < weight.size(); ++i) {
+      daedalus::detail::require<NumericError>(std::isfinite(weight.data()[i]), fn,
+                                              ": 'weight' holds a non-finite value at expert ",
+                                              i / dim, ", column ", i % dim);
+    }
+  }
+
+  void repack() { detail::pack_gate_panels(weight_.data(), experts, dim, packed_.data()); }
+
   std::vector<float> weight_;  // [experts, dim]
+  PackedStorage packed_;       // [panels][dim][64], weight_ packed
   std::vector<float> bias_;    // [experts] or empty
 };
 
@@ -292,8 +369,8 @@ void route(const Backend& backend, const GateWeights<C>& gate, HostView<const fl
   daedalus::detail::check_extents(fn, "x", x, {tokens, index_t(C::dim)});
   detail::check_bias(fn, settings, gate.bias());
   detail::check_gate_outputs(fn, settings, tokens, topk_ids, topk_weights);
-  detail::GateImpl<Backend>::route(backend, settings, gate.weight(), gate.bias(), x, topk_ids,
-                                   topk_weights);
+  detail::GateImpl<Backend>::route(backend, settings, gate.weight(), gate.packed_weight(),
+                                   gate.bias(), x, topk_ids, topk_weights);
 }
 
 /// The unbiased scores of a batch: softmax or sigmoid of the logits, in fp32 (what the

@@ -21,6 +21,7 @@
 #include "daedalus/core/math.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/moe/cpu/gate_gemm.hpp"
+#include "daedalus/moe/cpu/gate_vector_route.hpp"
 #include "daedalus/moe/gate.hpp"
 
 /// The CPU gate. Tokens are independent: the batch is cut into fixed chunks (their boundaries
@@ -38,9 +39,9 @@ using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
 using AlignedArrayMap = Eigen::Map<Eigen::ArrayXf, Eigen::AlignedMax>;
 using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
-/// Largest k the fixed-size top-k buffer of route_scored_token holds.
+/// Largest k the fixed-size top-k buffer of route_scored_token_generic holds.
 inline constexpr int kMaxTopk = 64;
-/// Largest n_expert_groups the fixed-size range buffer of route_scored_token holds.
+/// Largest n_expert_groups the fixed-size range buffer of route_scored_token_generic holds.
 inline constexpr int kMaxGroups = 256;
 
 /// Scratch one thread reuses across its tokens.
@@ -158,7 +159,8 @@ inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top
   };
   int e = e0;
 #if defined(__AVX512F__)
-  // The same filter, scalar insertion (route_scored_token takes top_k_threshold for k ≤ 16).
+  // The same filter, scalar insertion (route_scored_token_generic takes top_k_threshold for k ≤
+  // 16).
   for (; e < e1; e += 16) {
     const int n = std::min(16, e1 - e);
     const __mmask16 valid = __mmask16((1u << n) - 1u);
@@ -249,10 +251,11 @@ inline void top_k_threshold(const float* selection, const int* ranges, int n_ran
 }
 #endif
 
-/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6). Writes k ids and
-/// weights.
-inline void route_scored_token(const GateSettings& settings, const float* bias,
-                               TokenScratch& scratch, std::int32_t* ids, float* weights) {
+/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6), for any settings
+/// and any CPU: the portable path, and the oracle of the vector path (`route_scored_token`).
+/// Writes k ids and weights.
+inline void route_scored_token_generic(const GateSettings& settings, const float* bias,
+                                       TokenScratch& scratch, std::int32_t* ids, float* weights) {
   const int experts = settings.n_routed_experts;
   const int k = settings.topk;
   const float* scores = scratch.scores.data();
@@ -331,6 +334,23 @@ inline void route_scored_token(const GateSettings& settings, const float* bias,
   }
 
   finish_token(settings, scores, top_id, ids, weights);
+}
+
+/// Routes one token whose scores are in scratch.scores (gate.hpp, steps 2-6) on the AVX-512
+/// vector path (cpu/gate_vector_route.hpp) when it covers the settings, else on the generic
+/// path; both give the same ids and weights, bit for bit.
+inline void route_scored_token(const GateSettings& settings, const float* bias,
+                               TokenScratch& scratch, std::int32_t* ids, float* weights) {
+#if defined(__AVX512F__)
+  if (vector_route_applies(settings)) {
+    std::int32_t top_id[kVectorMaxTopk];
+    route_top_k_vector(settings, scratch.scores.data(), bias, scratch.selection.data(),
+                       scratch.candidate_value.data(), scratch.candidate_id.data(), top_id);
+    finish_token(settings, scratch.scores.data(), top_id, ids, weights);
+    return;
+  }
+#endif
+  route_scored_token_generic(settings, bias, scratch, ids, weights);
 }
 
 /// Collects the lowest failing token of each thread; after the parallel region the lowest of
@@ -439,10 +459,11 @@ struct GateImpl<CpuBackend> {
     std::copy(weights.begin(), weights.end(), topk_weights.data());
   }
 
+  /// `weight` [E, dim] and the same weight packed (`packed_weight`, GateWeights' panel layout).
   static void route(const CpuBackend& cpu, const GateSettings& settings,
-                    HostView<const float, 2> weight, HostView<const float, 1> bias,
-                    HostView<const float, 2> x, HostView<std::int32_t, 2> topk_ids,
-                    HostView<float, 2> topk_weights) {
+                    HostView<const float, 2> weight, HostView<const float, 2> packed_weight,
+                    HostView<const float, 1> bias, HostView<const float, 2> x,
+                    HostView<std::int32_t, 2> topk_ids, HostView<float, 2> topk_weights) {
     constexpr std::string_view fn = "daedalus::moe::route";
     check_topk_limit(fn, settings);
     const index_t tokens = x.extent(0);
@@ -479,10 +500,6 @@ struct GateImpl<CpuBackend> {
       const index_t chunk = cpu_gate::chunk_tokens(tokens);
       const index_t chunks = (tokens + chunk - 1) / chunk;
       const index_t stride = cpu_gate::padded_experts(experts);
-      std::vector<float> packed;
-#if defined(__AVX512F__)
-      cpu_gate::pack_gate_weight(team_cpu, weight.data(), experts, dim, packed);
-#endif
       std::vector<std::vector<float>> logits(std::size_t(team_cpu.num_threads()));
       std::vector<cpu_gate::TokenScratch> scratch(std::size_t(team_cpu.num_threads()),
                                                   cpu_gate::TokenScratch(settings));
@@ -490,8 +507,8 @@ struct GateImpl<CpuBackend> {
         const index_t c0 = c * chunk, n = std::min(chunk, tokens - c0);
         std::vector<float>& l = logits[std::size_t(team)];
         if (l.size() < std::size_t(chunk * stride)) l.resize(std::size_t(chunk * stride));
-        compute_chunk_logits(x.data() + c0 * dim, n, dim, weight.data(), packed.data(), experts,
-                             l.data(), stride);
+        compute_chunk_logits(x.data() + c0 * dim, n, dim, weight.data(), packed_weight.data(),
+                             experts, l.data(), stride);
         cpu_gate::route_rows(settings, l.data(), stride, b, c0, c0 + n, c0,
                              scratch[std::size_t(team)], ids.data(), weights.data(), failure, team);
       });

@@ -13,23 +13,25 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/cpu/linear.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/moe/gate.hpp"
 
 /// The gate's logits GEMM, logits [tokens, E] = x [tokens, dim] · Wᵀ (W [E, dim]), with an
 /// accumulation order that depends on neither the thread count nor how tokens are chunked, so
 /// the gate's choice is bitwise reproducible.
 ///
-/// With AVX-512: W is packed once per call into panels of 64 experts, depth-major
-/// (packed[p][d][j] = W[64p + j][d], zero past E); every output tile of 6 tokens × 64 experts is
-/// accumulated in 24 zmm registers over depth blocks of kDepthBlock, each x value broadcast
-/// against 4 vectors of the panel (the register blocking of mla/cpu/latent_gemm.hpp). A depth
-/// block of one panel (512 × 64 × 4 B = 128 KiB) stays in L2 while every token of a chunk passes
-/// over it. Each logit is the sum over d in increasing order, block by block: the same for any
-/// chunking. Elsewhere: Eigen's GEMM on fixed chunks (its blocking depends only on the chunk's
-/// shape, and chunk boundaries do not depend on the thread count).
+/// With AVX-512: W comes packed into panels of 64 experts, depth-major (packed[p][d][j] =
+/// W[64p + j][d], zero past E; GateWeights keeps this copy, moe/gate.hpp, so a call only streams
+/// it); every output tile of 6 tokens × 64 experts is accumulated in 24 zmm registers over depth
+/// blocks of kDepthBlock, each x value broadcast against 4 vectors of the panel (the register
+/// blocking of mla/cpu/latent_gemm.hpp). A depth block of one panel (512 × 64 × 4 B = 128 KiB)
+/// stays in L2 while every token of a chunk passes over it. Each logit is the sum over d in
+/// increasing order, block by block: the same for any chunking. Elsewhere: Eigen's GEMM on fixed
+/// chunks (its blocking depends only on the chunk's shape, and chunk boundaries do not depend on
+/// the thread count).
 namespace daedalus::moe::cpu_gate {
 
-/// Experts per packed panel (4 zmm of fp32).
-inline constexpr index_t kPanel = 64;
+/// Experts per packed panel (4 zmm of fp32): GateWeights' packed layout.
+inline constexpr index_t kPanel = detail::kGatePanel;
 /// Token rows per register tile.
 inline constexpr index_t kTileRows = 6;
 /// Depth per block: a panel's block is 128 KiB, a 192-token chunk's x block 384 KiB.
@@ -39,28 +41,6 @@ inline constexpr index_t kDepthBlock = 512;
 inline index_t padded_experts(index_t experts) { return (experts + kPanel - 1) / kPanel * kPanel; }
 
 #if defined(__AVX512F__)
-
-/// W [experts, dim] → panels [padded/64][dim][64], threaded over (panel, depth block) pairs.
-inline void pack_gate_weight(const CpuBackend& cpu, const float* w, index_t experts, index_t dim,
-                             std::vector<float>& packed) {
-  const index_t panels = padded_experts(experts) / kPanel;
-  packed.resize(std::size_t(panels * dim * kPanel));
-  const index_t blocks = (dim + kDepthBlock - 1) / kDepthBlock;
-  cpu.parallel_for(panels * blocks, [&](std::int64_t item, int) {
-    const index_t p = item / blocks, d0 = (item % blocks) * kDepthBlock;
-    const index_t d1 = std::min(dim, d0 + kDepthBlock);
-    float* dst = packed.data() + p * dim * kPanel;
-    for (index_t j = 0; j < kPanel; ++j) {
-      const index_t e = p * kPanel + j;
-      if (e < experts) {
-        const float* src = w + e * dim;
-        for (index_t d = d0; d < d1; ++d) dst[d * kPanel + j] = src[d];
-      } else {
-        for (index_t d = d0; d < d1; ++d) dst[d * kPanel + j] = 0.0f;
-      }
-    }
-  });
-}
 
 /// out[R, 64] (row stride out_stride) (+)= x[R, depth] (row stride x_stride) · panel[depth, 64].
 template <int R, bool Accumulate>

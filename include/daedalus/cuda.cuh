@@ -34,3 +34,8 @@
 #include "daedalus/mla/cuda/norm_rope.cuh"
 #include "daedalus/mla/cuda/prefill.cuh"
 #include "daedalus/mla/cuda/weights.cuh"
+#include "daedalus/moe/cuda/balance.cuh"
+#include "daedalus/moe/cuda/dispatch.cuh"
+#include "daedalus/moe/cuda/experts.cuh"
+#include "daedalus/moe/cuda/gate.cuh"
+#include "daedalus/moe/cuda/routing_plan.cuh"

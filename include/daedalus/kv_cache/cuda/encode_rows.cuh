@@ -104,6 +104,7 @@ __host__ __device__ __forceinline__ bool finite_bits(float x) {
 
 /// first_bad = min(first_bad, i) over every i with a non-finite values[i] (grid-stride loop;
 /// the caller sets first_bad to ~0 first).
+template <int = 0>
 __global__ void __launch_bounds__(kScanThreads) find_non_finite(FindNonFiniteParams p) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.count;
@@ -205,7 +206,7 @@ inline std::optional<std::pair<index_t, float>> first_non_finite(
       cudaMemsetAsync(flag.data(), 0xFF, sizeof(unsigned long long), backend.stream()));
   // Enough blocks to fill a device; the grid-stride loop covers the rest.
   const index_t blocks = std::min<index_t>((count + kScanThreads - 1) / kScanThreads, 1024);
-  launch(backend, {dim3(static_cast<unsigned>(blocks)), dim3(kScanThreads)}, &find_non_finite,
+  launch(backend, {dim3(static_cast<unsigned>(blocks)), dim3(kScanThreads)}, &find_non_finite<>,
          FindNonFiniteParams{values, count, flag.data()});
   unsigned long long first = 0;
   DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(&first, flag.data(), sizeof(first), cudaMemcpyDeviceToHost,

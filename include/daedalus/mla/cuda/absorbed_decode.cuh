@@ -157,7 +157,7 @@ struct DecodeLaunch {
     workspace.last_batch_ = batch;
 
     daedalus::cuda::launch(backend, {dim3(1), dim3(DecodeTiling::schedule_threads)},
-                           &decode_schedule, cache.seqlens, batch, parts,
+                           &decode_schedule<>, cache.seqlens, batch, parts,
                            workspace.schedule_.data());
     DecodeAttentionParams<Address> params{cache,
                                           q,
@@ -183,7 +183,7 @@ struct DecodeLaunch {
     const int chunks = (rows_per_seq + DecodeTiling::combine_rows - 1) / DecodeTiling::combine_rows;
     daedalus::cuda::launch(
         backend, {dim3(unsigned(batch), unsigned(chunks)), dim3(DecodeTiling::combine_rows * 32)},
-        &decode_combine, combine);
+        &decode_combine<>, combine);
   }
 };
 
@@ -303,7 +303,7 @@ void validate_on_device(const CudaBackend& backend,
                       0, sizeof(unsigned long long), backend.stream()));
   constexpr int threads = 128;
   daedalus::cuda::launch(backend, {dim3(unsigned((batch + threads - 1) / threads)), dim3(threads)},
-                         &detail::paged_view_check, view.cache_seqlens.data(),
+                         &detail::paged_view_check<>, view.cache_seqlens.data(),
                          view.block_table.data(), int(batch), int(max_blocks), BS,
                          static_cast<long long>(view.num_blocks), result.data());
   detail::PagedCheckResult host{};

@@ -156,6 +156,7 @@ __device__ __forceinline__ int block_inclusive_scan(int value, int* scratch) {
 /// blocks; the batch's blocks, laid end to end, are cut into `parts` ranges of equal size
 /// (the last shorter), so that one long sequence spreads over many blocks of the attention grid
 /// as much as a batch of short ones does. One block of DecodeTiling::schedule_threads threads.
+template <int = 0>
 __global__ void __launch_bounds__(DecodeTiling::schedule_threads)
     decode_schedule(const std::int32_t* seqlens, int batch, int parts, std::int32_t* schedule) {
   __shared__ int scratch[DecodeTiling::schedule_threads];
@@ -686,6 +687,7 @@ struct DecodeCombineParams {
 /// M = max_s lse_s (the log-sum-exp merge of flash-decoding); entries without cached tokens get
 /// zeros, unsplit entries were written by decode_attention. One warp per row, grid (batch,
 /// row chunks of DecodeTiling::combine_rows).
+template <int = 0>
 __global__ void __launch_bounds__(DecodeTiling::combine_rows * 32)
     decode_combine(DecodeCombineParams p) {
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -730,6 +732,7 @@ struct PagedCheckResult {
 
 /// One thread per batch entry: checks its length against [0, max_blocks · block_size] and the
 /// block ids it uses against [0, num_blocks), and records the smallest bad key.
+template <int = 0>
 __global__ void paged_view_check(const std::int32_t* seqlens, const std::int32_t* block_table,
                                  int batch, int max_blocks, int block_size, long long num_blocks,
                                  PagedCheckResult* result) {

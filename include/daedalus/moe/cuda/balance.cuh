@@ -36,6 +36,9 @@ struct RecordParams {
 
 /// One block: copies the step's counts, adds them to the totals and adds the step's MaxVio to
 /// the running sum, in the same arithmetic as LoadStats (max_violation in double).
+// Kernels are templates (`template <int = 0>` where nothing else varies), so that every
+// translation unit that includes this header may define them without breaking the ODR.
+template <int = 0>
 __global__ void record_step(RecordParams p) {
   __shared__ unsigned long long block_total;
   __shared__ unsigned long long block_most;
@@ -73,6 +76,7 @@ struct UpdateParams {
 /// One block: validates the bias (finite; positive for the multiplicative rule), then applies
 /// BiasBalancer::update's arithmetic (double, rounded to float once). A refused step changes no
 /// bias and records the first bad expert for DeviceBiasBalancer::check.
+template <int = 0>
 __global__ void update_bias(UpdateParams p) {
   __shared__ unsigned long long block_total;
   __shared__ int first_bad;
@@ -142,7 +146,7 @@ class DeviceLoadStats {
                                                ": 'plan' routes to ", plan.num_experts(),
                                                " experts; expected ", experts_);
     namespace bk = detail::balance_kernels;
-    cuda::launch(backend, {dim3(1), dim3(bk::kThreads)}, bk::record_step,
+    cuda::launch(backend, {dim3(1), dim3(bk::kThreads)}, bk::record_step<>,
                  bk::RecordParams{plan.routed_counts(), experts_, step_.data(), total_.data(),
                                   sum_max_vio_.data(), steps_.data()});
   }
@@ -227,7 +231,7 @@ class DeviceBiasBalancer {
                                                ": 'stats' counts ", stats.num_experts(),
                                                " experts; expected ", num_experts());
     namespace bk = detail::balance_kernels;
-    cuda::launch(backend, {dim3(1), dim3(bk::kThreads)}, bk::update_bias,
+    cuda::launch(backend, {dim3(1), dim3(bk::kThreads)}, bk::update_bias<>,
                  bk::UpdateParams{stats.step_counts_device(), num_experts(), int(settings().rule),
                                   settings().update_rate, bias.data(), rejected_.data()});
   }

@@ -30,6 +30,9 @@ struct GatherParams {
 
 /// Row r of the expert-ordered buffer = the token row of its slot, or zeros for a padding row.
 /// One block per row: a row is contiguous in both buffers, so the copy streams at full width.
+// Kernels are templates (`template <int = 0>` where nothing else varies), so that every
+// translation unit that includes this header may define them without breaking the ODR.
+template <int = 0>
 __global__ void __launch_bounds__(kThreads) gather_rows(GatherParams p) {
   const std::int64_t row = blockIdx.x;
   const std::int32_t slot = p.row_slot[row];
@@ -62,6 +65,7 @@ struct CombineParams {
 /// out[t] = Σ_j w · expert_out[row(t, j)], summed in slot order j = 0, 1, ... after out's own
 /// value when accumulating: the same order as the CPU backend, and the same on every run (no
 /// atomics; each element is summed by one thread).
+template <int = 0>
 __global__ void __launch_bounds__(kThreads) combine_rows(CombineParams p) {
   const std::int64_t token = blockIdx.x;
   float* o = p.out + token * p.width;
@@ -124,7 +128,7 @@ struct DispatchImpl<CudaBackend> {
     if (plan.rows() == 0 || width == 0) return;
     const bool vectorised =
         width % 4 == 0 && dk::aligned16(x.data()) && dk::aligned16(expert_in.data());
-    cuda::launch(cuda, {dim3(unsigned(plan.rows())), dim3(dk::kThreads)}, dk::gather_rows,
+    cuda::launch(cuda, {dim3(unsigned(plan.rows())), dim3(dk::kThreads)}, dk::gather_rows<>,
                  dk::GatherParams{x.data(), plan.row_slot(), expert_in.data(), int(plan.k()),
                                   int(width), vectorised ? 1 : 0});
   }
@@ -137,7 +141,7 @@ struct DispatchImpl<CudaBackend> {
     if (plan.tokens() == 0 || width == 0) return;
     const bool vectorised =
         width % 4 == 0 && dk::aligned16(expert_out.data()) && dk::aligned16(out.data());
-    cuda::launch(cuda, {dim3(unsigned(plan.tokens())), dim3(dk::kThreads)}, dk::combine_rows,
+    cuda::launch(cuda, {dim3(unsigned(plan.tokens())), dim3(dk::kThreads)}, dk::combine_rows<>,
                  dk::CombineParams{expert_out.data(), plan.slot_row(), plan.row_weight(),
                                    out.data(), int(plan.k()), int(width),
                                    mode == CombineInto::accumulate ? 1 : 0, vectorised ? 1 : 0});

@@ -209,6 +209,9 @@ struct ZeroPaddingParams {
 
 /// Padding rows of `hidden` and `expert_out` become zeros (what an expert gives for dispatch's
 /// zero rows, as on the CPU). One block per row.
+// Kernels are templates (`template <int = 0>` where nothing else varies), so that every
+// translation unit that includes this header may define them without breaking the ODR.
+template <int = 0>
 __global__ void zero_padding_rows(ZeroPaddingParams p) {
   const std::int64_t row = blockIdx.x;
   if (p.row_slot[row] >= 0) return;
@@ -253,7 +256,7 @@ struct ExpertsImpl<CudaBackend> {
         ek::grouped_swiglu_gemm<D, ek::Projection::down>,
         ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), plan.offsets(),
                                  plan.counts(), plan.row_block_starts(), experts, inter, dim, dim});
-    cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows,
+    cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows<>,
                  ek::ZeroPaddingParams{plan.row_slot(), hidden.data(), out.data(), inter, dim});
   }
 };

@@ -16,6 +16,7 @@
 #include "daedalus/cuda/device_buffer.cuh"
 #include "daedalus/cuda/launch.cuh"
 #include "daedalus/cuda/platform.cuh"
+#include "daedalus/cuda/shared_memory.cuh"
 #include "daedalus/moe/gate.hpp"
 
 /// The DeepSeek gate's routing on the GPU (moe/gate.hpp, steps 1-6), fused in one kernel with one
@@ -75,6 +76,9 @@ __host__ __device__ __forceinline__ std::size_t warp_shared_floats(int experts, 
 }
 
 /// Routes tokens warp by warp (shared memory per warp: warp_shared_floats).
+// Kernels are templates (`template <int = 0>` where nothing else varies), so that every
+// translation unit that includes this header may define them without breaking the ODR.
+template <int = 0>
 __global__ void __launch_bounds__(kThreads) route_tokens(RouteParams p) {
   float* shared = daedalus::cuda::dynamic_shared_memory<float>();
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -200,6 +204,7 @@ struct FiniteParams {
 
 /// The first non-finite logit in row-major order: its token is the lowest failing token and its
 /// column that token's first bad expert, which route_logits' NumericError names (as the CPU's).
+template <int = 0>
 __global__ void find_non_finite(FiniteParams p) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   const std::int64_t end =
@@ -245,7 +250,7 @@ struct GateImpl<CudaBackend> {
     const std::int64_t count = std::int64_t(tokens) * experts;
     const unsigned scan_blocks = unsigned(
         std::clamp<std::int64_t>((std::max<std::int64_t>(count, experts) + 255) / 256, 1, 4096));
-    cuda::launch(cuda, {dim3(scan_blocks), dim3(256)}, gk::find_non_finite,
+    cuda::launch(cuda, {dim3(scan_blocks), dim3(256)}, gk::find_non_finite<>,
                  gk::FiniteParams{logits.data(), count, bias_data, experts, first_bad.data()});
     unsigned long long found[2] = {none[0], none[1]};
     DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(found, first_bad.data(), sizeof(found),
@@ -273,7 +278,7 @@ struct GateImpl<CudaBackend> {
     const unsigned blocks =
         unsigned(std::min<index_t>((tokens + gk::kWarps - 1) / gk::kWarps, 65535));
     cuda::launch(
-        cuda, {dim3(blocks), dim3(gk::kThreads), shared_bytes}, gk::route_tokens,
+        cuda, {dim3(blocks), dim3(gk::kThreads), shared_bytes}, gk::route_tokens<>,
         gk::RouteParams{logits.data(), bias_data, topk_ids.data(), topk_weights.data(), int(tokens),
                         experts, settings.n_expert_groups, settings.n_limited_groups, settings.topk,
                         settings.score_func == ScoreFunc::softmax ? 1 : 0,

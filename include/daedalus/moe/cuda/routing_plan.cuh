@@ -43,6 +43,9 @@ struct ValidateParams {
 
 /// The lowest slot whose expert id is out of range or whose weight is not finite: the slot at
 /// which RoutingPlan::build's host loop would throw.
+// Kernels are templates (`template <int = 0>` where nothing else varies), so that every
+// translation unit that includes this header may define them without breaking the ODR.
+template <int = 0>
 __global__ void validate_slots(ValidateParams p) {
   const int s = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
   if (s >= p.slots) return;
@@ -62,6 +65,7 @@ struct ChunkParams {
 
 /// Stable ranks within one chunk of kChunk slots: slot s ranks after every earlier slot of its
 /// chunk routed to the same expert. The last slot of each expert in the chunk records the count.
+template <int = 0>
 __global__ void __launch_bounds__(kChunk) rank_in_chunks(ChunkParams p) {
   __shared__ std::int32_t chunk_ids[kChunk];
   const int tid = static_cast<int>(threadIdx.x);
@@ -88,6 +92,7 @@ struct ExpertScanParams {
 };
 
 /// Per expert, the exclusive prefix sum of its per-chunk counts (in place) and its total.
+template <int = 0>
 __global__ void scan_chunks_per_expert(ExpertScanParams p) {
   const int e = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
   if (e >= p.num_experts) return;
@@ -116,6 +121,7 @@ struct SegmentParams {
 
 /// The segment layout: a sequential scan over the experts (a few hundred at most, one thread:
 /// far below the cost of one launch).
+template <int = 0>
 __global__ void lay_out_segments(SegmentParams p) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   int start = 0, offset = 0, dropped = 0, blocks = 0;
@@ -149,6 +155,7 @@ struct SortParams {
 };
 
 /// Scatters every slot to its stable place in the expert-ordered list.
+template <int = 0>
 __global__ void sort_by_expert(SortParams p) {
   const int s = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
   if (s >= p.slots) return;
@@ -176,6 +183,7 @@ struct KeepParams {
 /// `capacity` in slot order, by probs the `capacity` largest weights (equal weights: the lower
 /// slot), as RoutingPlan::build. The probs rank is a count over the expert's slots: quadratic in
 /// an overloaded expert's load, which only capacity-limited plans pay.
+template <int = 0>
 __global__ void mark_kept(KeepParams p) {
   const int s = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
   if (s >= p.slots) return;
@@ -218,6 +226,7 @@ struct PlaceParams {
 
 /// The final row of each kept slot: its expert's offset plus the kept slots before it in slot
 /// order; dropped slots map to -1.
+template <int = 0>
 __global__ void place_rows(PlaceParams p) {
   const int s = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
   if (s >= p.slots) return;
@@ -316,7 +325,7 @@ class DeviceRoutingPlan {
     const int none = INT_MAX;
     cuda::copy(backend, first_bad, std::span<const int>(&none, 1));
     if (n > 0) {
-      cuda::launch(backend, {dim3(blocks_for(n)), dim3(k::kThreads)}, k::validate_slots,
+      cuda::launch(backend, {dim3(blocks_for(n)), dim3(k::kThreads)}, k::validate_slots<>,
                    k::ValidateParams{ids, weights, n, num_experts, first_bad.data()});
     }
     int bad = none;
@@ -362,31 +371,31 @@ class DeviceRoutingPlan {
                                         std::size_t(max_rows) * sizeof(float), backend.stream()));
     if (n > 0) {
       cuda::launch(
-          backend, {dim3(unsigned(chunks)), dim3(k::kChunk)}, k::rank_in_chunks,
+          backend, {dim3(unsigned(chunks)), dim3(k::kChunk)}, k::rank_in_chunks<>,
           k::ChunkParams{ids, n, num_experts, scratch.rank.data(), scratch.chunk_counts.data()});
     }
     cuda::launch(backend, {dim3(blocks_for(num_experts)), dim3(k::kThreads)},
-                 k::scan_chunks_per_expert,
+                 k::scan_chunks_per_expert<>,
                  k::ExpertScanParams{scratch.chunk_counts.data(), chunks, num_experts,
                                      next.routed_counts.data()});
-    cuda::launch(backend, {dim3(1), dim3(32)}, k::lay_out_segments,
+    cuda::launch(backend, {dim3(1), dim3(32)}, k::lay_out_segments<>,
                  k::SegmentParams{next.routed_counts.data(), num_experts, int(capacity),
                                   int(settings.pad_block), scratch.starts.data(),
                                   next.counts.data(), next.offsets.data(), next.dropped.data(),
                                   kRowBlock, next.row_block_starts.data()});
     if (n > 0) {
       const dim3 grid(blocks_for(n)), block(k::kThreads);
-      cuda::launch(backend, {grid, block}, k::sort_by_expert,
+      cuda::launch(backend, {grid, block}, k::sort_by_expert<>,
                    k::SortParams{ids, scratch.rank.data(), scratch.chunk_counts.data(),
                                  scratch.starts.data(), n, num_experts, scratch.position.data(),
                                  scratch.sorted.data()});
       cuda::launch(
-          backend, {grid, block}, k::mark_kept,
+          backend, {grid, block}, k::mark_kept<>,
           k::KeepParams{ids, weights, scratch.position.data(), scratch.sorted.data(),
                         scratch.starts.data(), next.routed_counts.data(), n, int(capacity),
                         settings.drop_policy == DropPolicy::probs ? 1 : 0, scratch.kept.data()});
       cuda::launch(
-          backend, {grid, block}, k::place_rows,
+          backend, {grid, block}, k::place_rows<>,
           k::PlaceParams{ids, weights, scratch.position.data(), scratch.sorted.data(),
                          scratch.starts.data(), next.routed_counts.data(), next.offsets.data(),
                          scratch.kept.data(), n, int(capacity), next.row_slot.data(),

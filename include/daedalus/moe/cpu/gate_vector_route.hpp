@@ -93,7 +93,7 @@ inline __m512 reduce_groups(TopTwo pair[8]) {
   // group 2i+1's.
   TopTwo w[4];
   for (int i = 0; i < 4; ++i) {
-    const TopTwo a = pair[2 * i], b = pair[2 * i + 1];
+    const TopTwo a = pair[std::ptrdiff_t{2} * i], b = pair[std::ptrdiff_t{2} * i + 1];
     const TopTwo low_halves = {_mm512_shuffle_f32x4(a.hi, b.hi, _MM_SHUFFLE(3, 2, 1, 0)),
                                _mm512_shuffle_f32x4(a.lo, b.lo, _MM_SHUFFLE(3, 2, 1, 0))};
     const TopTwo high_halves = {_mm512_shuffle_f32x4(a.hi, b.hi, _MM_SHUFFLE(1, 0, 3, 2)),
@@ -103,7 +103,7 @@ inline __m512 reduce_groups(TopTwo pair[8]) {
   // Level 2 (4 → 2): 128-bit block j of u[i] holds group 4i + j, 4 lanes.
   TopTwo u[2];
   for (int i = 0; i < 2; ++i) {
-    const TopTwo a = w[2 * i], b = w[2 * i + 1];
+    const TopTwo a = w[std::ptrdiff_t{2} * i], b = w[std::ptrdiff_t{2} * i + 1];
     const TopTwo even = {_mm512_shuffle_f32x4(a.hi, b.hi, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(a.lo, b.lo, _MM_SHUFFLE(2, 0, 2, 0))};
     const TopTwo odd = {_mm512_shuffle_f32x4(a.hi, b.hi, _MM_SHUFFLE(3, 1, 3, 1)),
@@ -179,7 +179,7 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
     // A group of one expert scores that expert alone (the generic path's rule).
     const bool top2 = bias != nullptr && per_group > 1;
     TopTwo pair[kVectorMaxGroups];
-    for (int g = 0; g < kVectorMaxGroups; ++g) pair[g] = {neg_inf, neg_inf};
+    for (TopTwo& p : pair) p = {neg_inf, neg_inf};
     for (int g = 0; g < groups; ++g) {
       const float* group = sel + std::ptrdiff_t{g} * per_group;
       TopTwo p = {neg_inf, neg_inf};

@@ -145,18 +145,7 @@ inline float group_score_of(const float* v, int n, bool top2) {
 /// to a held value ranks after it (ties → lower id): insert only when strictly greater.
 inline void top_k_scan(const float* selection, int e0, int e1, int k, float* top_value,
                        std::int32_t* top_id, int& held) {
-  auto insert = [&](int e) {
-    const float x = selection[e];
-    if (held == k && !(x > top_value[k - 1])) return;
-    int pos = held < k ? held++ : k - 1;
-    while (pos > 0 && x > top_value[pos - 1]) {
-      top_value[pos] = top_value[pos - 1];
-      top_id[pos] = top_id[pos - 1];
-      --pos;
-    }
-    top_value[pos] = x;
-    top_id[pos] = e;
-  };
+  auto insert = [&](int e) { insert_ranked(selection[e], e, k, top_value, top_id, held); };
   int e = e0;
 #if defined(__AVX512F__)
   // The same filter, scalar insertion (route_scored_token_generic takes top_k_threshold for k ≤
@@ -236,18 +225,8 @@ inline void top_k_threshold(const float* selection, const int* ranges, int n_ran
     }
   }
   int held = 0;
-  for (int c = 0; c < count; ++c) {
-    const float x = cand_value[c];
-    if (held == k && !(x > top_value[k - 1])) continue;
-    int pos = held < k ? held++ : k - 1;
-    while (pos > 0 && x > top_value[pos - 1]) {
-      top_value[pos] = top_value[pos - 1];
-      top_id[pos] = top_id[pos - 1];
-      --pos;
-    }
-    top_value[pos] = x;
-    top_id[pos] = cand_id[c];
-  }
+  for (int c = 0; c < count; ++c)
+    insert_ranked(cand_value[c], cand_id[c], k, top_value, top_id, held);
 }
 #endif
 

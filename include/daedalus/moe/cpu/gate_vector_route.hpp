@@ -32,6 +32,22 @@
 ///    More than 16 such candidates (exact ties, saturated scores) take an insertion sort.
 namespace daedalus::moe::cpu_gate {
 
+/// Inserts candidate (x, id) into the sorted list (top_value, top_id) of `held` ≤ k entries,
+/// ordered by value descending. Candidates must arrive in increasing id order: one equal to a
+/// held value ranks after it (ties → lower id), so it enters only when strictly greater.
+inline void insert_ranked(float x, std::int32_t id, int k, float* top_value, std::int32_t* top_id,
+                          int& held) {
+  if (held == k && !(x > top_value[k - 1])) return;
+  int pos = held < k ? held++ : k - 1;
+  while (pos > 0 && x > top_value[pos - 1]) {
+    top_value[pos] = top_value[pos - 1];
+    top_id[pos] = top_id[pos - 1];
+    --pos;
+  }
+  top_value[pos] = x;
+  top_id[pos] = id;
+}
+
 /// Largest group count the vector path handles (one lane pair per group after the reduction).
 inline constexpr int kVectorMaxGroups = 8;
 /// Largest k the vector path handles (one rank per lane).
@@ -258,18 +274,8 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
   // increasing id order, so an equal value ranks after the held one.
   float top_value[kVectorMaxTopk];
   int held = 0;
-  for (int c = 0; c < count; ++c) {
-    const float x = cand_value[c];
-    if (held == k && !(x > top_value[k - 1])) continue;
-    int pos = held < k ? held++ : k - 1;
-    while (pos > 0 && x > top_value[pos - 1]) {
-      top_value[pos] = top_value[pos - 1];
-      top_id[pos] = top_id[pos - 1];
-      --pos;
-    }
-    top_value[pos] = x;
-    top_id[pos] = cand_id[c];
-  }
+  for (int c = 0; c < count; ++c)
+    insert_ranked(cand_value[c], cand_id[c], k, top_value, top_id, held);
 }
 
 #endif  // __AVX512F__

@@ -250,8 +250,11 @@ inline void route_top_k_vector(const GateSettings& settings, const float* scores
       _mm512_storeu_ps(cand_value + count, values);
       _mm512_storeu_si512(cand_id + count, ids);
       const int kept_here = __builtin_popcount(unsigned(keep));
-      // Lanes [count, count + kept_here) of 16; none once count reaches 16.
-      const __mmask16 into = __mmask16(((1u << unsigned(kept_here)) - 1u) << unsigned(count));
+      // Lanes [count, count + kept_here) of 16; none once count reaches 16 (count can pass 31
+      // when many values tie at τ, so the shift is guarded, not left to wrap).
+      const __mmask16 into = count >= 16
+                                 ? __mmask16(0)
+                                 : __mmask16(((1u << unsigned(kept_here)) - 1u) << unsigned(count));
       first_values = _mm512_mask_expand_ps(first_values, into, values);
       first_ids = _mm512_mask_expand_epi32(first_ids, into, ids);
       count += kept_here;

@@ -19,34 +19,69 @@
    SwiGLU on its rows and index_add_ of weight · output, plus the shared MLP. FLOPs counted:
    2·T·dim·E (gate) + 2·T·k·3·dim·inter (routed) + 2·T·3·dim·2·inter (shared).
 
-Everything is fp32 with torch.set_num_threads(--threads). Run it through bench/compare/run.sh,
-which clears environment variables that slow OpenBLAS and prints which BLAS torch loaded.
+On the CPU (default) everything is fp32 with torch.set_num_threads(--threads); run it through
+bench/compare/run.sh, which clears environment variables that slow OpenBLAS and prints which BLAS
+torch loaded. With --device cuda (bench/gpu/check.sh: the baseline of bench/cuda/bench_moe.cu)
+the same steps run on the GPU, each call timed between two CUDA events after an L2 flush (a
+256 MiB write, not timed) as the CUDA benchmarks do; the gate stays fp32 (DeepSeek scores the gate
+in fp32) and the layer's weights and activations are --layer-dtype (default: bfloat16 on the GPU,
+as DeepSeek's reference runs its experts; float32 on the CPU). The GPU's default gate sizes add
+65536 tokens. --tiny runs small shapes only (a smoke test that works on any machine).
 Prints Markdown tables; --json writes the raw numbers.
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 
-def time_it(fn, warmup, runs, budget_s):
-    """Median and best wall time of fn() in seconds, after `warmup` calls. Stops early once
+class Timer:
+    """Times one call: wall clock on the CPU; on a GPU, two CUDA events around the call after an
+    untimed L2 flush (bench/cuda/bench_support.cuh times its rows the same way)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.stop = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn):
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        self.flush.zero_()
+        self.start.record()
+        fn()
+        self.stop.record()
+        self.stop.synchronize()
+        return self.start.elapsed_time(self.stop) * 1e-3
+
+
+def time_it(fn, warmup, runs, budget_s, timer):
+    """Median and best time of fn() in seconds, after `warmup` calls. Stops early once
     `budget_s` seconds have been spent timing (at least 3 runs)."""
     for _ in range(warmup):
         fn()
     times = []
     spent = 0.0
     while len(times) < runs and (len(times) < 3 or spent < budget_s):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
+        elapsed = timer(fn)
         times.append(elapsed)
         spent += elapsed
     return statistics.median(times), min(times), len(times)
+
+
+def uniform(*shape, generator, device, scale=1.0, dtype=torch.float32):
+    """Uniform in [-scale, scale), drawn on the CPU (the same numbers whatever the device)."""
+    return ((torch.rand(*shape, generator=generator) * 2 - 1) * scale).to(device=device,
+                                                                          dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,26 +90,28 @@ def time_it(fn, warmup, runs, budget_s):
 V3_DIM, V3_EXPERTS, V3_GROUPS, V3_LIMITED, V3_TOPK, V3_SCALE = 7168, 256, 8, 4, 8, 2.5
 
 
-def v3_routing(logits, bias):
+def v3_routing(logits, bias, groups=V3_GROUPS, limited=V3_LIMITED, topk=V3_TOPK,
+               route_scale=V3_SCALE):
     """DeepSeek-V3's Gate.forward after the GEMM: sigmoid, biased choice, group limit, top-k."""
     scores = logits.sigmoid()
     original_scores = scores
     scores = scores + bias
-    scores = scores.view(logits.size(0), V3_GROUPS, -1)
+    scores = scores.view(logits.size(0), groups, -1)
     group_scores = scores.topk(2, dim=-1)[0].sum(dim=-1)
-    indices = group_scores.topk(V3_LIMITED, dim=-1)[1]
+    indices = group_scores.topk(limited, dim=-1)[1]
     mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, indices, False)
     scores = scores.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
-    indices = torch.topk(scores, V3_TOPK, dim=-1)[1]
+    indices = torch.topk(scores, topk, dim=-1)[1]
     weights = original_scores.gather(1, indices)
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * V3_SCALE, indices
+    return weights * route_scale, indices
 
 
-def gate_cases(tokens, generator):
-    x = torch.rand(tokens, V3_DIM, generator=generator) * 2 - 1
-    weight = (torch.rand(V3_EXPERTS, V3_DIM, generator=generator) * 2 - 1) / V3_DIM ** 0.5
-    bias = (torch.rand(V3_EXPERTS, generator=generator) * 2 - 1) * 0.05
+def gate_cases(tokens, generator, device):
+    x = uniform(tokens, V3_DIM, generator=generator, device=device)
+    weight = uniform(V3_EXPERTS, V3_DIM, generator=generator, device=device,
+                     scale=V3_DIM ** -0.5)
+    bias = uniform(V3_EXPERTS, generator=generator, device=device, scale=0.05)
     logits = F.linear(x, weight)
 
     def whole():
@@ -89,12 +126,13 @@ def gate_cases(tokens, generator):
 # ---------------------------------------------------------------------------------------------
 # 2. Plan + dispatch + combine
 
-def dispatch_combine_case(tokens, dim, experts, k, generator):
-    x = torch.rand(tokens, dim, generator=generator)
+def dispatch_combine_case(tokens, dim, experts, k, generator, device):
+    x = torch.rand(tokens, dim, generator=generator).to(device)
     ids = torch.rand(tokens, experts, generator=generator).argsort(dim=-1)[:, :k].contiguous()
-    weights = torch.rand(tokens, k, generator=generator)
-    expert_in = torch.empty(tokens * k, dim)
-    out = torch.empty(tokens, dim)
+    ids = ids.to(device)
+    weights = torch.rand(tokens, k, generator=generator).to(device)
+    expert_in = torch.empty(tokens * k, dim, device=device)
+    out = torch.empty(tokens, dim, device=device)
 
     def step():
         flat = ids.flatten()
@@ -108,7 +146,7 @@ def dispatch_combine_case(tokens, dim, experts, k, generator):
         return out
 
     moved = 2.0 * (k + 1) * tokens * dim * 4
-    buffer = torch.rand(tokens * k, dim, generator=generator)
+    buffer = torch.rand(tokens * k, dim, generator=generator).to(device)
     target = torch.empty_like(buffer)
 
     def memcpy():
@@ -123,14 +161,16 @@ def dispatch_combine_case(tokens, dim, experts, k, generator):
 L_DIM, L_INTER, L_EXPERTS, L_TOPK, L_SHARED = 2048, 1408, 64, 6, 2
 
 
-def layer_case(tokens, weights, generator):
+def layer_case(tokens, weights, generator, device, dtype):
     gate_w, w1, w3, w2, s1, s3, s2 = weights
-    x = torch.rand(tokens, L_DIM, generator=generator) * 2 - 1
-    out = torch.empty(tokens, L_DIM)
+    x32 = uniform(tokens, L_DIM, generator=generator, device=device)
+    x = x32.to(dtype)
+    out = torch.empty(tokens, L_DIM, device=device, dtype=dtype)
 
     def step():
-        scores = F.linear(x, gate_w).softmax(dim=-1, dtype=torch.float32)
+        scores = F.linear(x32, gate_w).softmax(dim=-1, dtype=torch.float32)
         topk_weight, topk_ids = scores.topk(L_TOPK, dim=-1)  # V2-Lite: no renormalisation
+        topk_weight = topk_weight.to(dtype)
         out.copy_(F.linear(F.silu(F.linear(x, s1)) * F.linear(x, s3), s2))  # shared MLP
         counts = torch.bincount(topk_ids.flatten(), minlength=L_EXPERTS).tolist()
         for e in range(L_EXPERTS):
@@ -147,27 +187,37 @@ def layer_case(tokens, weights, generator):
     return step, flops
 
 
-def layer_weights(generator):
-    def uniform(*shape, fan_in):
-        return (torch.rand(*shape, generator=generator) * 2 - 1) / fan_in ** 0.5
+def layer_weights(generator, device, dtype):
+    """The gate's weight in fp32, the experts' and the shared MLP's in `dtype`."""
+    def linear(*shape, fan_in, kind=dtype):
+        return uniform(*shape, generator=generator, device=device, scale=fan_in ** -0.5,
+                       dtype=kind)
 
     shared = L_SHARED * L_INTER
-    return (uniform(L_EXPERTS, L_DIM, fan_in=L_DIM),
-            uniform(L_EXPERTS, L_INTER, L_DIM, fan_in=L_DIM),
-            uniform(L_EXPERTS, L_INTER, L_DIM, fan_in=L_DIM),
-            uniform(L_EXPERTS, L_DIM, L_INTER, fan_in=L_INTER),
-            uniform(shared, L_DIM, fan_in=L_DIM), uniform(shared, L_DIM, fan_in=L_DIM),
-            uniform(L_DIM, shared, fan_in=shared))
+    return (linear(L_EXPERTS, L_DIM, fan_in=L_DIM, kind=torch.float32),
+            linear(L_EXPERTS, L_INTER, L_DIM, fan_in=L_DIM),
+            linear(L_EXPERTS, L_INTER, L_DIM, fan_in=L_DIM),
+            linear(L_EXPERTS, L_DIM, L_INTER, fan_in=L_INTER),
+            linear(shared, L_DIM, fan_in=L_DIM), linear(shared, L_DIM, fan_in=L_DIM),
+            linear(L_DIM, shared, fan_in=shared))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--gate-tokens", default="1,64,4096")
+    parser.add_argument("--gate-tokens",
+                        help="token counts of the gate (default 1,64,4096; on a GPU also 65536)")
     parser.add_argument("--dispatch-tokens", type=int, default=4096,
                         help="tokens of the dispatch + combine case; 0 skips it")
     parser.add_argument("--layer-tokens", default="1,64,512,4096",
                         help="token counts of the V2-Lite layer; empty skips it")
+    parser.add_argument("--layer-dtype", choices=["float32", "bfloat16"],
+                        help="the layer's weights and activations (default: bfloat16 on a GPU, "
+                             "float32 on the CPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="small token counts only (a smoke test): gate 1,16, dispatch 64, "
+                             "layer 8")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--budget", type=float, default=3.0,
@@ -175,16 +225,29 @@ def main():
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("torch_moe.py: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 77
     torch.set_num_threads(args.threads)
+    if args.gate_tokens is None:
+        args.gate_tokens = "1,64,4096" + (",65536" if device.type == "cuda" else "")
+    if args.tiny:
+        args.gate_tokens, args.dispatch_tokens, args.layer_tokens = "1,16", 64, "8"
+    dtype = getattr(torch, args.layer_dtype or
+                    ("bfloat16" if device.type == "cuda" else "float32"))
+    timer = Timer(device)
     generator = torch.Generator().manual_seed(0)
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; "
           f"best and median of up to {args.runs} runs after {args.warmup} warm-up runs\n")
     print("| case | tokens | best ms | median ms | rate (best) | rate (median) |")
     print("|---|---:|---:|---:|---:|---:|")
 
     def report(case, tokens, fn, amount, unit, runs=None, scale=1e9):
-        median, best, n = time_it(fn, args.warmup, runs or args.runs, args.budget)
+        median, best, n = time_it(fn, args.warmup, runs or args.runs, args.budget, timer)
         row = dict(case=case, tokens=tokens, best_ms=best * 1e3, median_ms=median * 1e3,
                    unit=unit, rate_best=amount / best / scale, rate_median=amount / median / scale,
                    runs=n)
@@ -193,30 +256,32 @@ def main():
               f"{row['rate_best']:.3g} {unit} | {row['rate_median']:.3g} {unit} |", flush=True)
 
     for tokens in (int(t) for t in args.gate_tokens.split(",") if t):
-        whole, routing, flops = gate_cases(tokens, generator)
+        whole, routing, flops = gate_cases(tokens, generator, device)
         report("gate V3 (GEMM + routing)", tokens, whole, flops, "GFLOP/s")
         report("gate V3 routing only", tokens, routing, tokens, "Mtokens/s", scale=1e6)
 
     if args.dispatch_tokens > 0:
         step, moved, memcpy, copied = dispatch_combine_case(args.dispatch_tokens, V3_DIM,
-                                                            V3_EXPERTS, V3_TOPK, generator)
+                                                            V3_EXPERTS, V3_TOPK, generator,
+                                                            device)
         report("plan + dispatch + combine V3", args.dispatch_tokens, step, moved, "GB/s")
         report("memcpy of T·k·dim fp32", args.dispatch_tokens, memcpy, copied, "GB/s")
         del step, memcpy
 
     layer_tokens = [int(t) for t in args.layer_tokens.split(",") if t]
     if layer_tokens:
-        weights = layer_weights(generator)
+        weights = layer_weights(generator, device, dtype)
         for tokens in layer_tokens:
-            step, flops = layer_case(tokens, weights, generator)
-            report("MoE layer V2-Lite (expert loop)", tokens, step, flops, "GFLOP/s",
+            step, flops = layer_case(tokens, weights, generator, device, dtype)
+            report(f"MoE layer V2-Lite (expert loop, {args.layer_dtype or dtype})".replace(
+                "torch.", ""), tokens, step, flops, "GFLOP/s",
                    runs=max(3, args.runs // 4) if tokens >= 512 else None)
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows),
-                      out, indent=1)
+            json.dump(dict(torch=torch.__version__, device=where, rows=rows), out, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

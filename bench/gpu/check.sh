@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# The GPU check (issue 5, item 7), in one call on a machine with an NVIDIA GPU (Hopper: sm_90a),
+# The GPU check (issues 5 and 6), in one call on a machine with an NVIDIA GPU (Hopper: sm_90a),
 # the CUDA toolkit and PyTorch, in under 6 minutes:
 #
 #   env        the GPU, driver, clocks, toolkit and PyTorch versions
 #   configure  Release, CUDA on, CMAKE_CUDA_ARCHITECTURES=90a (build/gpu)
-#   build      daedalus_cuda_tests and bench_cuda_mla_decode only, 16 jobs
+#   build      daedalus_cuda_tests, bench_cuda_mla_decode and bench_cuda_moe only, 16 jobs
 #   tests      daedalus_cuda_tests (the device test cases)
 #   bench      bench_cuda_mla_decode on FlashMLA's grid, roofs measured in the same run (JSON)
+#   moe-bench  bench_cuda_moe: the V3 gate at 1-65536 tokens, plan, dispatch + combine at 4096 x
+#              7168, the V2-Lite MoE layer at 1-4096 tokens (JSON)
 #   torch      bench/gpu/torch_mla_decode.py, the PyTorch bf16 baseline on the same shapes (JSON)
+#   moe-torch  bench/compare/torch_moe.py --device cuda, the PyTorch gate, dispatch + combine and
+#              expert loop on the MoE benchmark's shapes (JSON)
 #   memcheck   compute-sanitizer --tool memcheck on daedalus_cuda_tests, when the tool is there;
 #              last, so that when time runs short it is the step the budget cuts
-#   table      bench/gpu/table.py: one table, issue 5's targets evaluated
+#   table      bench/gpu/table.py: one table, the targets of issues 5 and 6 evaluated
 #
 # Every step runs under `timeout`, capped by its own limit and by what is left of the whole
-# budget (DAEDALUS_GPU_BUDGET seconds, default 330); a step that fails or runs out of time is
+# budget (DAEDALUS_GPU_BUDGET seconds, default 345); a step that fails or runs out of time is
 # reported and the next ones still run; the table prints whatever exists. Exit status: 0 when
 # every step passed, else 1.
 #
 # Outputs under ${OUT:-build/gpu-check}: check.log (every step's output), steps.tsv, env.txt,
-# bench.json, torch.json, table.md (six files).
+# bench.json, torch.json, moe_bench.json, moe_torch.json, table.md (eight files).
 #
 # Dependencies: a machine without Eigen 3.4, doctest and Google Benchmark uses the prefix that
 # bench/gpu/stage-deps.sh makes (DAEDALUS_GPU_DEPS, default build/gpu-deps) when it exists.
@@ -38,7 +42,7 @@ mkdir -p "${out}"
 out="$(cd "${out}" && pwd)"
 build="${DAEDALUS_GPU_BUILD:-build/gpu}"
 deps="${DAEDALUS_GPU_DEPS:-build/gpu-deps}"
-budget="${DAEDALUS_GPU_BUDGET:-330}"
+budget="${DAEDALUS_GPU_BUDGET:-345}"
 repetitions="${DAEDALUS_BENCH_REPETITIONS:-5}"
 python="${PYTHON:-python3}"
 jobs="${DAEDALUS_GPU_JOBS:-16}"
@@ -49,7 +53,8 @@ log="${out}/check.log"
 steps="${out}/steps.tsv"
 : >"${log}"
 : >"${steps}"
-rm -f "${out}/bench.json" "${out}/torch.json" "${out}/table.md" "${out}/env.txt"
+rm -f "${out}/bench.json" "${out}/torch.json" "${out}/moe_bench.json" "${out}/moe_torch.json" \
+  "${out}/table.md" "${out}/env.txt"
 scratch="$(mktemp -d)"
 trap 'rm -rf "${scratch}"' EXIT
 
@@ -132,13 +137,19 @@ build_targets() {
   # Keep going past a failed target, so that the other one is still built.
   local -a keep_going=(-k)
   [[ -f "${build}/build.ninja" ]] && keep_going=(-k 0)
-  cmake --build "${build}" -j "${jobs}" --target daedalus_cuda_tests bench_cuda_mla_decode -- \
-    "${keep_going[@]}"
+  cmake --build "${build}" -j "${jobs}" --target daedalus_cuda_tests bench_cuda_mla_decode \
+    bench_cuda_moe -- "${keep_going[@]}"
 }
 
 run_bench() {
   "${build}/bench_cuda_mla_decode" --benchmark_repetitions="${repetitions}" \
     --benchmark_display_aggregates_only=true --benchmark_out="${out}/bench.json" \
+    --benchmark_out_format=json
+}
+
+run_moe_bench() {
+  "${build}/bench_cuda_moe" --benchmark_repetitions="${repetitions}" \
+    --benchmark_display_aggregates_only=true --benchmark_out="${out}/moe_bench.json" \
     --benchmark_out_format=json
 }
 
@@ -155,30 +166,38 @@ run_memcheck() {
 }
 
 export out build deps repetitions python jobs
-export -f environment environment_to_file configure build_targets run_bench run_memcheck
+export -f environment environment_to_file configure build_targets run_bench run_moe_bench \
+  run_memcheck
 
-# The share of the budget (percent) kept back for what follows each step, with the default 330 s:
-# 120 s after the build for tests, benchmark and baseline; 50 s after the benchmark for the
-# baseline and the table; the table's few seconds after the rest.
-step env 20 90 environment_to_file
-step configure 60 73 configure
+# The share of the budget (percent) kept back for what follows each step, with the default 345 s:
+# about 150 s after the build for the tests, the benchmarks and their baselines; the table's few
+# seconds after the rest.
+step env 20 95 environment_to_file
+step configure 60 78 configure
 if grep -q $'^configure\tok' "${steps}"; then
-  step build 200 36 build_targets
+  step build 200 44 build_targets
 else
   not_run build "configure failed"
 fi
 if [[ -x "${build}/daedalus_cuda_tests" ]]; then
-  step tests 60 30 "${build}/daedalus_cuda_tests"
+  step tests 60 37 "${build}/daedalus_cuda_tests"
 else
   not_run tests "daedalus_cuda_tests was not built"
 fi
 if [[ -x "${build}/bench_cuda_mla_decode" ]]; then
-  step bench 120 15 run_bench
+  step bench 100 25 run_bench
 else
   not_run bench "bench_cuda_mla_decode was not built"
 fi
-step torch 90 2 "${python}" bench/gpu/torch_mla_decode.py --runs 10 --warmup 3 \
+if [[ -x "${build}/bench_cuda_moe" ]]; then
+  step moe-bench 60 17 run_moe_bench
+else
+  not_run moe-bench "bench_cuda_moe was not built"
+fi
+step torch 60 9 "${python}" bench/gpu/torch_mla_decode.py --runs 10 --warmup 3 \
   --json "${out}/torch.json"
+step moe-torch 50 2 "${python}" bench/compare/torch_moe.py --device cuda --runs 10 --warmup 3 \
+  --budget 1 --json "${out}/moe_torch.json"
 if [[ -x "${build}/daedalus_cuda_tests" ]]; then
   step memcheck 120 2 run_memcheck
 else
@@ -188,7 +207,8 @@ fi
 echo "=== check.sh: table ($((SECONDS - start)) s so far) ===" | tee -a "${log}"
 set +e
 "${python}" bench/gpu/table.py --steps "${steps}" --bench "${out}/bench.json" \
-  --torch "${out}/torch.json" >"${out}/table.md" 2>>"${log}"
+  --torch "${out}/torch.json" --moe-bench "${out}/moe_bench.json" \
+  --moe-torch "${out}/moe_torch.json" >"${out}/table.md" 2>>"${log}"
 table_status=$?
 set -e
 tee -a "${log}" <"${out}/table.md"

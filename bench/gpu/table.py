@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""One table from bench/gpu/check.sh's outputs, with issue 5's two targets evaluated.
+"""One table from bench/gpu/check.sh's outputs, with the targets of issues 5 and 6 evaluated.
 
 Reads (each optional; what is missing is said, the rest still printed):
   --steps  a file of `name<TAB>status<TAB>seconds<TAB>note` lines (check.sh's step log)
   --bench  Google Benchmark JSON of bench_cuda_mla_decode (--benchmark_out_format=json); with
            repetitions, the median aggregate of each benchmark is used
   --torch  the JSON that bench/gpu/torch_mla_decode.py --json writes
+  --moe-bench  Google Benchmark JSON of bench_cuda_moe
+  --moe-torch  the JSON that bench/compare/torch_moe.py --device cuda --json writes
 
 Prints Markdown: the steps, the two measured roofs, one row per decode shape (daedalus time,
 GB/s, TFLOP/s, % of the measured copy bandwidth, % of the measured bf16 GEMM rate, PyTorch time,
 speed-up), then the targets over the large-batch rows (batch >= 64, Tiny rows excluded):
   16 heads:  >= 70% of the measured copy bandwidth
   128 heads: >= 30% of the measured bf16 GEMM rate and >= 3x the PyTorch baseline
+then the MoE rows (gate, plan, dispatch + combine, V2-Lite layer, each against PyTorch) and
+issue 6's targets:
+  dispatch + combine at 4096 tokens x 7168: >= 60% of the measured copy bandwidth
+  gate at 4096 tokens: the fused routing under 10% of the logits GEMM's time
+  V2-Lite MoE layer at 4096 tokens: >= 3x the PyTorch expert loop
+Exit status 3 when a target is missed or could not be evaluated.
 """
 
 import argparse
@@ -81,6 +89,8 @@ def main():
     parser.add_argument("--steps")
     parser.add_argument("--bench")
     parser.add_argument("--torch")
+    parser.add_argument("--moe-bench")
+    parser.add_argument("--moe-torch")
     args = parser.parse_args()
     problems = []
 
@@ -163,6 +173,11 @@ def main():
         problems.append("benchmark JSON: no decode rows")
 
     status = evaluate_targets(rows)
+    if args.moe_bench or args.moe_torch:
+        moe_status = moe_section(load_json(args.moe_bench, "MoE benchmark JSON", problems),
+                                 load_json(args.moe_torch, "MoE PyTorch JSON", problems),
+                                 problems)
+        status = status or moe_status
     if problems:
         print("Missing or failed:")
         for problem in problems:
@@ -200,6 +215,120 @@ def evaluate_targets(rows):
             f"{r['batch']}x{r['ctx']}{'v' if r['varlen'] else ''}/q{r['q_len']}: {show(r)}"
             for r in chosen)
         print(f"- {title}: {verdict} ({len(passing)} of {len(chosen)} rows) [{values}]")
+    print()
+    return 0 if all_met else 3
+
+
+def moe_rows(bench, problems):
+    """{(kind, config, tokens): entry} of bench_cuda_moe's rows; kind is the name before '<'."""
+    picked, errors = pick_runs(bench)
+    for name, message in errors.items():
+        problems.append(f"MoE benchmark {name}: {message}")
+    rows = {}
+    for name, entry in picked.items():
+        if "<" not in name or "tokens" not in entry:
+            continue
+        kind, rest = name.split("<", 1)
+        config = rest.split(">", 1)[0]
+        rows[(kind, config, int(entry["tokens"]))] = entry
+    return rows
+
+
+def torch_moe_rows(torch_data):
+    """{(case, tokens): median µs} of torch_moe.py's rows."""
+    if not torch_data:
+        return {}
+    return {(row["case"], int(row["tokens"])): row["median_ms"] * 1e3
+            for row in torch_data.get("rows", [])}
+
+
+def torch_case(rows, prefix, tokens):
+    return next((us for (case, t), us in rows.items() if case.startswith(prefix) and t == tokens),
+                None)
+
+
+def moe_section(bench, torch_data, problems):
+    """Prints the MoE table and issue 6's targets; returns 0 when every target is met, else 3."""
+    print("MoE (bench_cuda_moe; PyTorch: bench/compare/torch_moe.py --device cuda)\n")
+    rows = moe_rows(bench, problems) if bench else {}
+    torch_rows = torch_moe_rows(torch_data)
+    copy_bw = None
+    if bench:
+        try:
+            copy_bw = float(bench.get("context", {})["copy_bytes_per_second"])
+        except (KeyError, ValueError):
+            problems.append("MoE benchmark JSON: no measured copy bandwidth in its context")
+
+    def us(kind, config, tokens):
+        entry = rows.get((kind, config, tokens))
+        return time_us(entry) if entry else None
+
+    def speedup(ours, theirs):
+        return theirs / ours if ours and theirs else None
+
+    print("| row | tokens | daedalus µs | rate | % copy BW | PyTorch µs | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    gate_tokens = sorted({t for (kind, config, t) in rows if kind == "BM_gate"
+                          and config == "DeepSeekV3"})
+    for tokens in gate_tokens:
+        logits, routing, whole = (us(kind, "DeepSeekV3", tokens)
+                                  for kind in ("BM_gate_logits", "BM_gate_routing", "BM_gate"))
+        entry = rows[("BM_gate", "DeepSeekV3", tokens)]
+        theirs = torch_case(torch_rows, "gate V3 (GEMM", tokens)
+        print(f"| gate V3 (fp32 GEMM + routing) | {tokens} | {fmt(whole, '.1f')} | "
+              f"{entry.get('FLOP/s', 0) * 1e-12:.1f} TFLOP/s | – | {fmt(theirs, '.1f')} | "
+              f"{fmt(speedup(whole, theirs), '.2f')} |")
+        share = 100 * routing / logits if routing and logits else None
+        theirs = torch_case(torch_rows, "gate V3 routing", tokens)
+        print(f"| gate V3 routing only ({fmt(share, '.1f')}% of the logits GEMM's "
+              f"{fmt(logits, '.1f')} µs) | {tokens} | {fmt(routing, '.1f')} | – | – | "
+              f"{fmt(theirs, '.1f')} | {fmt(speedup(routing, theirs), '.2f')} |")
+    for (kind, config, tokens), entry in sorted(rows.items()):
+        if kind == "BM_dispatch_combine" and config == "DeepSeekV3":
+            ours = time_us(entry)
+            plan = us("BM_plan", config, tokens)
+            pct = 100 * entry["bytes/s"] / copy_bw if copy_bw else None
+            theirs = torch_case(torch_rows, "plan + dispatch + combine", tokens)
+            print(f"| dispatch + combine V3 | {tokens} | {ours:.1f} | "
+                  f"{entry['bytes/s'] * 1e-9:.0f} GB/s | {fmt(pct, '.1f')} | – | – |")
+            both = ours + plan if plan else None
+            print(f"| plan + dispatch + combine V3 | {tokens} | {fmt(both, '.1f')} | – | – | "
+                  f"{fmt(theirs, '.1f')} | {fmt(speedup(both, theirs), '.2f')} |")
+    for (kind, config, tokens), entry in sorted(rows.items()):
+        if kind == "BM_moe_layer" and config == "DeepSeekV2Lite":
+            ours = time_us(entry)
+            theirs = torch_case(torch_rows, "MoE layer V2-Lite", tokens)
+            print(f"| MoE layer V2-Lite | {tokens} | {ours:.1f} | "
+                  f"{entry.get('FLOP/s', 0) * 1e-12:.1f} TFLOP/s | – | {fmt(theirs, '.1f')} | "
+                  f"{fmt(speedup(ours, theirs), '.2f')} |")
+    print()
+
+    print("Targets of issue 6:")
+    all_met = True
+
+    def verdict(title, value, met, shown):
+        nonlocal all_met
+        if value is None:
+            print(f"- {title}: NOT EVALUATED (missing rows)")
+            all_met = False
+            return
+        all_met = all_met and met
+        print(f"- {title}: {'MET' if met else 'NOT MET'} ({shown})")
+
+    entry = rows.get(("BM_dispatch_combine", "DeepSeekV3", 4096))
+    pct = 100 * entry["bytes/s"] / copy_bw if entry and copy_bw else None
+    verdict("dispatch + combine, 4096 tokens x 7168: >= 60% of the copy bandwidth", pct,
+            pct is not None and pct >= 60.0, f"{fmt(pct, '.1f')}%")
+    logits, routing = us("BM_gate_logits", "DeepSeekV3", 4096), us("BM_gate_routing",
+                                                                     "DeepSeekV3", 4096)
+    share = 100 * routing / logits if routing and logits else None
+    verdict("gate, 4096 tokens: routing < 10% of the logits GEMM", share,
+            share is not None and share < 10.0, f"{fmt(share, '.1f')}%")
+    ours = us("BM_moe_layer", "DeepSeekV2Lite", 4096)
+    theirs = torch_case(torch_rows, "MoE layer V2-Lite", 4096)
+    gain = speedup(ours, theirs)
+    verdict("V2-Lite MoE layer, 4096 tokens: >= 3x the PyTorch expert loop", gain,
+            gain is not None and gain >= 3.0, f"{fmt(gain, '.2f')}x")
     print()
     return 0 if all_met else 3
 

@@ -1,0 +1,244 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// GPU benchmarks of daedalus's Mixture-of-Experts (Google Benchmark, CUDA events).
+//
+// - BM_copy_bandwidth, BM_cublas_bf16_gemm: the memory and matrix roofs (bench_support.cuh);
+//   copy_bw_fraction divides by the copy bandwidth measured when the binary starts.
+// - BM_gate_logits<C>/tokens:T: the gate's logits x · Wᵀ in fp32 (cuda::gemm, cuBLAS SGEMM:
+//   DeepSeek scores the gate in fp32), 2·T·dim·E FLOPs.
+// - BM_gate_routing<C>/tokens:T: moe::route_logits on those logits, the fused routing kernel
+//   (scores, selection bias, group limit, top-k, weights) with its finiteness check (one 16-byte
+//   copy back and a stream synchronisation). routing_over_logits = this row's time over
+//   BM_gate_logits' time at the same T (issue 6's target: under 10% at 4096 tokens).
+// - BM_gate<C>/tokens:T: both, as moe::route does them. DeepSeek-V3's shapes (7168 → 256 experts,
+//   8 groups / 4 kept, top-8, sigmoid with bias) at 1, 64, 4096 and 65536 tokens.
+// - BM_plan<C>/tokens:T: DeviceRoutingPlan::build (its validation included) for ids routed from
+//   random logits.
+// - BM_dispatch_combine<C>/tokens:T: moe::dispatch then moe::combine over a built plan. Bytes per
+//   step = what the two passes must move at least: dispatch reads T·dim and writes T·k·dim floats,
+//   combine the reverse, so 2·(k + 1)·T·dim·4 bytes (the CPU benchmark's count); V3 at 4096
+//   tokens × 7168 (issue 6's target: at least 60% of the copy bandwidth).
+// - BM_moe_layer<C>/tokens:T: MoeLayer<C, CudaBackend>::forward with random weights (bf16 experts),
+//   DeepSeek-V2-Lite (64 experts of width 1408, top-6, 2 shared) at 1, 64, 512 and 4096 tokens;
+//   FLOP/s of useful work (MoeLayer::flops), tokens/s. The PyTorch expert loop on the same shapes
+//   is bench/compare/torch_moe.py --device cuda (bench/gpu/check.sh runs both).
+//
+// Every iteration flushes L2 first (outside the timed region) and times one call between two
+// CUDA events. The first call of each row also checks that its outputs are finite.
+//
+// Names containing "Tiny" run tiny shapes (CI's smoke convention). Without a CUDA device the
+// binary says so and exits 0; listing (--benchmark_list_tests) works without one.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <daedalus/cuda.cuh>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "bench_support.cuh"
+
+namespace {
+
+using namespace daedalus;  // so template arguments print as "DeepSeekV3"
+namespace dcuda = daedalus::cuda;
+using daedalus::bench::bench_device;
+using daedalus::bench::BenchDevice;
+using daedalus::bench::EventTimer;
+using daedalus::bench::fill_random;
+
+template <class T, int R>
+using DeviceView = TensorView<T, R, DeviceMemory>;
+
+/// The gate's device data for T tokens of config C: random activations in [-1, 1), a weight in
+/// ±1/sqrt(dim) (nn.Linear's range), a selection bias in ±0.05 where the config has one, the
+/// logits, and the routed ids and weights.
+template <class C>
+struct GateData {
+  static constexpr int experts = C::n_routed_experts;
+  static constexpr int k = C::n_activated_experts;
+  static constexpr index_t dim = C::dim;
+
+  index_t tokens;
+  moe::GateSettings settings = moe::GateSettings::from_config<C>();
+  dcuda::DeviceBuffer<float> x, weight, bias, logits, topk_weights;
+  dcuda::DeviceBuffer<std::int32_t> topk_ids;
+
+  GateData(const CudaBackend& backend, index_t t)
+      : tokens(t),
+        x(std::size_t(t * dim)),
+        weight(std::size_t(experts * dim)),
+        bias(moe::GateWeights<C>::has_bias_by_default ? std::size_t(experts) : 0),
+        logits(std::size_t(t * experts)),
+        topk_weights(std::size_t(t * k)),
+        topk_ids(std::size_t(t * k)) {
+    fill_random(backend, x.data(), x.size(), 0x5eed0301);
+    fill_random(backend, weight.data(), weight.size(), 0x5eed0302, 1.0f / std::sqrt(float(dim)));
+    fill_random(backend, bias.data(), bias.size(), 0x5eed0303, 0.05f);
+  }
+
+  void compute_logits(const CudaBackend& backend) {
+    dcuda::gemm<float>(backend, tokens, experts, dim, {x.data(), dim, 0}, {weight.data(), dim, 0},
+                       dcuda::Weight::transposed, {logits.data(), experts, 0});
+  }
+  void route(const CudaBackend& backend) {
+    moe::route_logits(backend, settings,
+                      DeviceView<const float, 2>(logits.data(), {tokens, index_t(experts)}),
+                      DeviceView<const float, 1>(bias.data(), {index_t(bias.size())}),
+                      DeviceView<std::int32_t, 2>(topk_ids.data(), {tokens, index_t(k)}),
+                      DeviceView<float, 2>(topk_weights.data(), {tokens, index_t(k)}));
+  }
+  DeviceView<const std::int32_t, 2> ids() const { return {topk_ids.data(), {tokens, index_t(k)}}; }
+  DeviceView<const float, 2> weights() const { return {topk_weights.data(), {tokens, index_t(k)}}; }
+};
+
+/// Times `call` per iteration (L2 flushed first, outside the timed region) after two untimed
+/// calls; returns the seconds summed over the iterations.
+template <class Call>
+double time_calls(benchmark::State& state, BenchDevice& dev, Call&& call) {
+  call();
+  call();
+  EventTimer timer;
+  double seconds = 0.0;
+  for (auto _ : state) {
+    dev.flush_l2();
+    timer.start(dev.stream.get());
+    call();
+    const double elapsed = timer.stop(dev.stream.get());
+    state.SetIterationTime(elapsed);
+    seconds += elapsed;
+  }
+  return seconds;
+}
+
+/// Skips the row with a message when `values` holds a value that is not finite.
+bool outputs_finite(benchmark::State& state, const CudaBackend& backend,
+                    const dcuda::DeviceBuffer<float>& values, const char* what) {
+  const std::int64_t bad = daedalus::bench::first_non_finite(dcuda::to_host(backend, values));
+  if (bad < 0) return true;
+  state.SkipWithError(
+      (std::string(what) + " value " + std::to_string(bad) + " is unwritten or not finite")
+          .c_str());
+  return false;
+}
+
+enum class GatePart { logits, routing, whole };
+
+template <class C>
+void BM_gate(benchmark::State& state, GatePart part) {
+  try {
+    BenchDevice& dev = bench_device();
+    const index_t tokens = state.range(0);
+    GateData<C> gate(dev.backend, tokens);
+    gate.compute_logits(dev.backend);
+    gate.route(dev.backend);
+    if (!outputs_finite(state, dev.backend, gate.topk_weights, "topk_weights")) return;
+    const double seconds = time_calls(state, dev, [&] {
+      if (part != GatePart::routing) gate.compute_logits(dev.backend);
+      if (part != GatePart::logits) gate.route(dev.backend);
+    });
+    const double calls = double(state.iterations());
+    const double flops = 2.0 * double(tokens) * double(C::dim) * C::n_routed_experts;
+    if (part != GatePart::routing)
+      state.counters["FLOP/s"] = seconds > 0 ? flops * calls / seconds : 0.0;
+    state.counters["tokens/s"] = seconds > 0 ? double(tokens) * calls / seconds : 0.0;
+    state.counters["tokens"] = double(tokens);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+template <class C>
+void BM_plan(benchmark::State& state) {
+  try {
+    BenchDevice& dev = bench_device();
+    const index_t tokens = state.range(0);
+    GateData<C> gate(dev.backend, tokens);
+    gate.compute_logits(dev.backend);
+    gate.route(dev.backend);
+    moe::DeviceRoutingPlan plan;
+    const double seconds = time_calls(state, dev, [&] {
+      plan.build(dev.backend, gate.ids(), gate.weights(), C::n_routed_experts);
+    });
+    const double slots = double(tokens) * C::n_activated_experts;
+    state.counters["slots/s"] = seconds > 0 ? slots * double(state.iterations()) / seconds : 0.0;
+    state.counters["tokens"] = double(tokens);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+template <class C>
+void BM_dispatch_combine(benchmark::State& state) {
+  try {
+    BenchDevice& dev = bench_device();
+    const index_t tokens = state.range(0);
+    constexpr index_t dim = C::dim;
+    constexpr int k = C::n_activated_experts;
+    GateData<C> gate(dev.backend, tokens);
+    gate.compute_logits(dev.backend);
+    gate.route(dev.backend);
+    moe::DeviceRoutingPlan plan;
+    plan.build(dev.backend, gate.ids(), gate.weights(), C::n_routed_experts);
+    const index_t rows = plan.rows();
+    dcuda::DeviceBuffer<float> expert_rows(std::size_t(rows * dim)), out(std::size_t(tokens * dim));
+    DAEDALUS_CUDA_CHECK(cudaMemsetAsync(out.data(), 0xff, out.bytes(), dev.stream.get()));
+    const DeviceView<const float, 2> x(gate.x.data(), {tokens, dim});
+    const auto step = [&] {
+      moe::dispatch(dev.backend, plan, x, DeviceView<float, 2>(expert_rows.data(), {rows, dim}));
+      moe::combine(dev.backend, plan, DeviceView<const float, 2>(expert_rows.data(), {rows, dim}),
+                   DeviceView<float, 2>(out.data(), {tokens, dim}));
+    };
+    step();
+    if (!outputs_finite(state, dev.backend, out, "combined output")) return;
+    const double seconds = time_calls(state, dev, step);
+    const double bytes = 2.0 * double(k + 1) * double(tokens) * double(dim) * sizeof(float);
+    const double rate = seconds > 0 ? bytes * double(state.iterations()) / seconds : 0.0;
+    state.counters["bytes"] = bytes;
+    state.counters["bytes/s"] = rate;
+    state.counters["copy_bw_fraction"] =
+        dev.copy_bytes_per_second > 0 ? rate / dev.copy_bytes_per_second : 0.0;
+    state.counters["tokens"] = double(tokens);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+template <class C>
+void register_gate(const std::string& config, const std::vector<std::int64_t>& token_counts) {
+  for (const auto& [name, part] :
+       {std::pair{"BM_gate_logits", GatePart::logits},
+        std::pair{"BM_gate_routing", GatePart::routing}, std::pair{"BM_gate", GatePart::whole}}) {
+    for (const std::int64_t tokens : token_counts) {
+      daedalus::bench::register_timed(std::string(name) + "<" + config + ">", &BM_gate<C>, part)
+          ->Arg(tokens)
+          ->ArgName("tokens");
+    }
+  }
+}
+
+template <class C>
+void register_movement(const std::string& config, std::int64_t tokens) {
+  daedalus::bench::register_timed("BM_plan<" + config + ">", &BM_plan<C>)
+      ->Arg(tokens)
+      ->ArgName("tokens");
+  daedalus::bench::register_timed("BM_dispatch_combine<" + config + ">", &BM_dispatch_combine<C>)
+      ->Arg(tokens)
+      ->ArgName("tokens");
+}
+
+void register_benchmarks() {
+  daedalus::bench::register_roof_benchmarks();
+  register_gate<Tiny>("Tiny", {1, 300});
+  register_movement<Tiny>("Tiny", 300);
+  register_gate<DeepSeekV3>("DeepSeekV3", {1, 64, 4096, 65536});
+  register_movement<DeepSeekV3>("DeepSeekV3", 4096);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return daedalus::bench::run_benchmarks("bench_cuda_moe", argc, argv, register_benchmarks);
+}

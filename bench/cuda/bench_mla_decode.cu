@@ -185,18 +185,7 @@ void BM_mla_decode(benchmark::State& state, DecodeShape shape) {
               .c_str());
       return;
     }
-    call();
-
-    daedalus::bench::EventTimer timer;
-    double seconds = 0.0;
-    for (auto _ : state) {
-      dev.flush_l2();
-      timer.start(dev.stream.get());
-      call();
-      const double elapsed = timer.stop(dev.stream.get());
-      state.SetIterationTime(elapsed);
-      seconds += elapsed;
-    }
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, call);
 
     const double calls = double(state.iterations());
     const double bytes =

@@ -24,7 +24,7 @@
 //   is bench/compare/torch_moe.py --device cuda (bench/gpu/check.sh runs both).
 //
 // Every iteration flushes L2 first (outside the timed region) and times one call between two
-// CUDA events. The first call of each row also checks that its outputs are finite.
+// CUDA events, after two untimed calls; the first also checks that the row's outputs are finite.
 //
 // Names containing "Tiny" run tiny shapes (CI's smoke convention). Without a CUDA device the
 // binary says so and exits 0; listing (--benchmark_list_tests) works without one.
@@ -46,7 +46,6 @@ using namespace daedalus;  // so template arguments print as "DeepSeekV3"
 namespace dcuda = daedalus::cuda;
 using daedalus::bench::bench_device;
 using daedalus::bench::BenchDevice;
-using daedalus::bench::EventTimer;
 using daedalus::bench::fill_random;
 
 template <class T, int R>
@@ -90,28 +89,17 @@ struct GateData {
                       DeviceView<std::int32_t, 2>(topk_ids.data(), {tokens, index_t(k)}),
                       DeviceView<float, 2>(topk_weights.data(), {tokens, index_t(k)}));
   }
+  /// Logits and routing computed once: the input of the plan and dispatch rows.
+  static GateData routed(const CudaBackend& backend, index_t t) {
+    GateData gate(backend, t);
+    gate.compute_logits(backend);
+    gate.route(backend);
+    return gate;
+  }
+
   DeviceView<const std::int32_t, 2> ids() const { return {topk_ids.data(), {tokens, index_t(k)}}; }
   DeviceView<const float, 2> weights() const { return {topk_weights.data(), {tokens, index_t(k)}}; }
 };
-
-/// Times `call` per iteration (L2 flushed first, outside the timed region) after two untimed
-/// calls; returns the seconds summed over the iterations.
-template <class Call>
-double time_calls(benchmark::State& state, BenchDevice& dev, Call&& call) {
-  call();
-  call();
-  EventTimer timer;
-  double seconds = 0.0;
-  for (auto _ : state) {
-    dev.flush_l2();
-    timer.start(dev.stream.get());
-    call();
-    const double elapsed = timer.stop(dev.stream.get());
-    state.SetIterationTime(elapsed);
-    seconds += elapsed;
-  }
-  return seconds;
-}
 
 /// Skips the row with a message when `values` holds a value that is not finite.
 bool outputs_finite(benchmark::State& state, const CudaBackend& backend,
@@ -131,11 +119,9 @@ void BM_gate(benchmark::State& state, GatePart part) {
   try {
     BenchDevice& dev = bench_device();
     const index_t tokens = state.range(0);
-    GateData<C> gate(dev.backend, tokens);
-    gate.compute_logits(dev.backend);
-    gate.route(dev.backend);
+    GateData<C> gate = GateData<C>::routed(dev.backend, tokens);
     if (!outputs_finite(state, dev.backend, gate.topk_weights, "topk_weights")) return;
-    const double seconds = time_calls(state, dev, [&] {
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, [&] {
       if (part != GatePart::routing) gate.compute_logits(dev.backend);
       if (part != GatePart::logits) gate.route(dev.backend);
     });
@@ -155,11 +141,9 @@ void BM_plan(benchmark::State& state) {
   try {
     BenchDevice& dev = bench_device();
     const index_t tokens = state.range(0);
-    GateData<C> gate(dev.backend, tokens);
-    gate.compute_logits(dev.backend);
-    gate.route(dev.backend);
+    const GateData<C> gate = GateData<C>::routed(dev.backend, tokens);
     moe::DeviceRoutingPlan plan;
-    const double seconds = time_calls(state, dev, [&] {
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, [&] {
       plan.build(dev.backend, gate.ids(), gate.weights(), C::n_routed_experts);
     });
     const double slots = double(tokens) * C::n_activated_experts;
@@ -177,9 +161,7 @@ void BM_dispatch_combine(benchmark::State& state) {
     const index_t tokens = state.range(0);
     constexpr index_t dim = C::dim;
     constexpr int k = C::n_activated_experts;
-    GateData<C> gate(dev.backend, tokens);
-    gate.compute_logits(dev.backend);
-    gate.route(dev.backend);
+    const GateData<C> gate = GateData<C>::routed(dev.backend, tokens);
     moe::DeviceRoutingPlan plan;
     plan.build(dev.backend, gate.ids(), gate.weights(), C::n_routed_experts);
     const index_t rows = plan.rows();
@@ -193,7 +175,7 @@ void BM_dispatch_combine(benchmark::State& state) {
     };
     step();
     if (!outputs_finite(state, dev.backend, out, "combined output")) return;
-    const double seconds = time_calls(state, dev, step);
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, step);
     const double bytes = 2.0 * double(k + 1) * double(tokens) * double(dim) * sizeof(float);
     const double rate = seconds > 0 ? bytes * double(state.iterations()) / seconds : 0.0;
     state.counters["bytes"] = bytes;

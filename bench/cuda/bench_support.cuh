@@ -73,6 +73,25 @@ inline benchmark::IterationCount iterations_per_run() {
   return value > 0 ? benchmark::IterationCount(value) : benchmark::IterationCount(10);
 }
 
+/// Times `call` once per iteration between two CUDA events on the device's stream, after one
+/// untimed call, with the L2 cache flushed before each timed call (outside the timed region);
+/// returns the seconds summed over the iterations. `Device` is BenchDevice (defined below).
+template <class Device, class Call>
+double time_flushed_calls(benchmark::State& state, Device& dev, Call&& call) {
+  call();
+  EventTimer timer;
+  double seconds = 0.0;
+  for (auto _ : state) {
+    dev.flush_l2();
+    timer.start(dev.stream.get());
+    call();
+    const double elapsed = timer.stop(dev.stream.get());
+    state.SetIterationTime(elapsed);
+    seconds += elapsed;
+  }
+  return seconds;
+}
+
 /// The first value that is NaN or infinite (outputs are poisoned with NaN before a first call, so
 /// a value never written shows too), or -1.
 inline std::int64_t first_non_finite(const std::vector<float>& values) {

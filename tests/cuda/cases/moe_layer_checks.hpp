@@ -590,6 +590,7 @@ void check_forward_and_balance(const CudaBackend& cuda, index_t tokens, std::uin
 /// Bad input to the layer: wrong extents and a NaN in x throw the host layer's types and
 /// messages; a bad capacity setting throws InvalidArgument; a bias the balancer refuses throws
 /// before the forward; each time `out`, the last batch's state, the bias and the stats stay.
+/// Then an empty batch, which is not an error.
 inline void check_layer_bad_input(const CudaBackend& cuda) {
   using C = Tiny;
   constexpr index_t dim = C::dim, experts = C::n_routed_experts;
@@ -687,6 +688,13 @@ inline void check_layer_bad_input(const CudaBackend& cuda) {
                  }),
                  "'gate_settings' routes 2 of 12 experts; expected 3 of 12"));
   unchanged();
+
+  // An empty batch is valid input: nothing to compute, and the layer then describes it.
+  layer.forward(cuda, TensorView<const float, 2, DeviceMemory>(x_d.data(), {0, dim}),
+                TensorView<float, 2, DeviceMemory>(out_d.data(), {0, dim}));
+  CHECK(layer.topk_ids().extent(0) == 0);
+  CHECK(layer.logits().extent(0) == 0);
+  CHECK(cuda::to_host(cuda, out_d) == out_before);
 }
 
 }  // namespace daedalus::testing::moe_layer_checks

@@ -38,4 +38,5 @@
 #include "daedalus/moe/cuda/dispatch.cuh"
 #include "daedalus/moe/cuda/experts.cuh"
 #include "daedalus/moe/cuda/gate.cuh"
+#include "daedalus/moe/cuda/layer.cuh"
 #include "daedalus/moe/cuda/routing_plan.cuh"

@@ -146,6 +146,8 @@ class ExpertWeights {
 template <MoeConfig C>
 class SharedExpertWeights {
  public:
+  using config = C;
+  using memory_space = HostMemory;
   static constexpr index_t dim = C::dim;
   static constexpr index_t width = index_t(C::n_shared_experts) * C::moe_inter_dim;
 
@@ -238,19 +240,27 @@ void routed_experts(const Backend& backend, const Weights& weights, const Plan& 
 /// The shared experts over every token: out = w2(silu(w1 x) ⊙ w3 x) (DeepSeek `MoE.forward`'s
 /// z), overwriting `out`; a layer then adds the routed experts with CombineInto::accumulate.
 ///
-/// @param x      [tokens, dim]
-/// @param hidden [tokens, n_shared_experts · moe_inter_dim] workspace
-/// @param out    [tokens, dim] out (zero for a config without shared experts)
+/// @param weights SharedExpertWeights<C> (CpuBackend) or DeviceSharedExpertWeights<C, T>
+///                (CudaBackend: 16-bit weights, activations rounded to T before the tensor-core
+///                products)
+/// @param x       [tokens, dim]
+/// @param hidden  [tokens, n_shared_experts · moe_inter_dim] workspace
+/// @param out     [tokens, dim] out (zero for a config without shared experts)
 /// @throws InvalidArgument when the extents disagree
-template <class Backend, MoeConfig C>
-void shared_experts(const Backend& backend, const SharedExpertWeights<C>& weights,
+template <class Backend, class Weights>
+void shared_experts(const Backend& backend, const Weights& weights,
                     TensorView<const float, 2, typename Backend::memory_space> x,
                     TensorView<float, 2, typename Backend::memory_space> hidden,
                     TensorView<float, 2, typename Backend::memory_space> out) {
+  using C = typename Weights::config;
+  static_assert(std::is_same_v<typename Weights::memory_space, typename Backend::memory_space>,
+                "daedalus::moe::shared_experts: 'weights' must live where the backend reads "
+                "(SharedExpertWeights with CpuBackend, DeviceSharedExpertWeights with "
+                "CudaBackend)");
   constexpr std::string_view fn = "daedalus::moe::shared_experts";
   const index_t tokens = x.extent(0);
   daedalus::detail::check_extents(fn, "x", x, {tokens, index_t(C::dim)});
-  daedalus::detail::check_extents(fn, "hidden", hidden, {tokens, SharedExpertWeights<C>::width});
+  daedalus::detail::check_extents(fn, "hidden", hidden, {tokens, Weights::width});
   daedalus::detail::check_extents(fn, "out", out, {tokens, index_t(C::dim)});
   detail::ExpertsImpl<Backend>::shared(backend, weights, x, hidden, out);
 }

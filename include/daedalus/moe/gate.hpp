@@ -315,6 +315,24 @@ void check_bias(std::string_view fn, const GateSettings& settings,
   }
 }
 
+/// The checks `moe::route` makes on every backend, in this order: the settings, their expert
+/// count against C's, x [tokens, dim], the gate's bias and the outputs [tokens, topk].
+template <MoeConfig C, class Space>
+void check_route_arguments(std::string_view fn, const GateSettings& settings,
+                           const TensorView<const float, 1, Space>& bias,
+                           const TensorView<const float, 2, Space>& x,
+                           const TensorView<std::int32_t, 2, Space>& topk_ids,
+                           const TensorView<float, 2, Space>& topk_weights) {
+  settings.validate(fn);
+  daedalus::detail::require<InvalidArgument>(
+      settings.n_routed_experts == C::n_routed_experts, fn, ": 'settings.n_routed_experts' is ",
+      settings.n_routed_experts, "; expected ", C::n_routed_experts, " (", config_name<C>(), ")");
+  const index_t tokens = x.extent(0);
+  daedalus::detail::check_extents(fn, "x", x, {tokens, index_t(C::dim)});
+  check_bias(fn, settings, bias);
+  check_gate_outputs(fn, settings, tokens, topk_ids, topk_weights);
+}
+
 }  // namespace detail
 
 /// Routes a batch from precomputed fp32 logits (for engines that run the gate GEMM themselves).
@@ -361,26 +379,23 @@ void route(const Backend& backend, const GateWeights<C>& gate, HostView<const fl
            const GateSettings& settings = GateSettings::from_config<C>()) {
   constexpr std::string_view fn = "daedalus::moe::route";
   detail::gate_require_host_view<Backend, HostView<const float, 2>>();
-  settings.validate(fn);
-  daedalus::detail::require<InvalidArgument>(
-      settings.n_routed_experts == C::n_routed_experts, fn, ": 'settings.n_routed_experts' is ",
-      settings.n_routed_experts, "; expected ", C::n_routed_experts, " (", config_name<C>(), ")");
-  const index_t tokens = x.extent(0);
-  daedalus::detail::check_extents(fn, "x", x, {tokens, index_t(C::dim)});
-  detail::check_bias(fn, settings, gate.bias());
-  detail::check_gate_outputs(fn, settings, tokens, topk_ids, topk_weights);
+  detail::check_route_arguments<C>(fn, settings, gate.bias(), x, topk_ids, topk_weights);
   detail::GateImpl<Backend>::route(backend, settings, gate.weight(), gate.packed_weight(),
                                    gate.bias(), x, topk_ids, topk_weights);
 }
 
 /// The unbiased scores of a batch: softmax or sigmoid of the logits, in fp32 (what the
-/// sequence-wise balance loss and the auxiliary loss read).
+/// sequence-wise balance loss and the auxiliary loss read). The views live in the backend's
+/// memory space; both backends compute the scores with the same operations as the gate
+/// (core/math.hpp's exp_f32 and sigmoid_f32, the softmax sum in warp order), so they agree bit
+/// for bit.
 /// @param logits [tokens, experts]; @param scores [tokens, experts] out (may alias logits' data)
 /// @throws InvalidArgument for mismatched extents; NumericError naming the first token with a
 ///         non-finite logit (scores unchanged).
 template <class Backend>
-void compute_scores(const Backend& backend, ScoreFunc score_func, HostView<const float, 2> logits,
-                    HostView<float, 2> scores) {
+void compute_scores(const Backend& backend, ScoreFunc score_func,
+                    TensorView<const float, 2, typename Backend::memory_space> logits,
+                    TensorView<float, 2, typename Backend::memory_space> scores) {
   constexpr std::string_view fn = "daedalus::moe::compute_scores";
   daedalus::detail::check_extents(fn, "logits", logits, {logits.extent(0), logits.extent(1)});
   daedalus::detail::check_extents(fn, "scores", scores, {logits.extent(0), logits.extent(1)});

@@ -28,12 +28,15 @@ namespace daedalus::moe {
 /// for concurrent use; give each thread its own or serialise calls).
 ///
 /// @tparam C       an MoeConfig (presets: DeepSeekV2Lite, DeepSeekV2, DeepSeekV3, Tiny)
-/// @tparam Backend the backend whose memory the workspaces live in (host backends for now)
+/// @tparam Backend the backend whose memory the workspaces live in: a host backend here;
+///                 CudaBackend selects the device layer (moe/cuda/layer.cuh, included by
+///                 <daedalus/cuda.cuh>)
 template <MoeConfig C, class Backend = CpuBackend>
 class MoeLayer {
   static_assert(std::is_same_v<typename Backend::memory_space, HostMemory>,
-                "daedalus::moe::MoeLayer: this layer keeps its workspaces in host memory; a "
-                "device backend's layer needs device workspaces");
+                "daedalus::moe::MoeLayer: this layer keeps its workspaces in host memory; for "
+                "MoeLayer<C, CudaBackend> include <daedalus/cuda.cuh> in a .cu file (it brings "
+                "the device layer, moe/cuda/layer.cuh)");
 
  public:
   static constexpr index_t dim = C::dim;

@@ -4,13 +4,16 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
 #include "daedalus/core/dtype.hpp"
+#include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/cuda/backend.cuh"
+#include "daedalus/cuda/check.cuh"
 #include "daedalus/cuda/device_buffer.cuh"
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/launch.cuh"
@@ -73,6 +76,45 @@ class DeviceExpertWeights {
   cuda::DeviceBuffer<device_type> w13_, w2_;
 };
 
+/// The shared experts of one layer in device memory, in 16-bit storage T (bfloat16 or half): w13
+/// [2 · width, dim] (w1's rows then w3's, as SharedExpertWeights) and w2 [dim, width], width =
+/// n_shared_experts · moe_inter_dim (none for a config without shared experts).
+template <MoeConfig C, class T = bfloat16>
+class DeviceSharedExpertWeights {
+  static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
+                "daedalus::moe::DeviceSharedExpertWeights: T must be bfloat16 or half (the "
+                "tensor cores' 16-bit inputs)");
+
+ public:
+  using config = C;
+  using memory_space = DeviceMemory;
+  using storage_type = T;
+  using device_type = cuda::device_storage_t<T>;
+  static constexpr index_t dim = C::dim;
+  static constexpr index_t width = SharedExpertWeights<C>::width;
+
+  /// Rounds `host` to T (nearest even) and uploads it (synchronises the backend's stream).
+  DeviceSharedExpertWeights(const CudaBackend& backend, const SharedExpertWeights<C>& host)
+      : w13_(std::size_t(2 * width * dim)), w2_(std::size_t(dim * width)) {
+    const SwigluView v = host.swiglu();
+    const std::size_t per = std::size_t(width) * std::size_t(dim);
+    std::vector<T> staging(2 * per);
+    std::transform(v.w13, v.w13 + 2 * per, staging.begin(), [](float x) { return T(x); });
+    cuda::copy(backend, w13_, std::span<const T>(staging));
+    backend.synchronize();  // the staging buffer is reused for w2
+    std::transform(v.w2, v.w2 + per, staging.begin(), [](float x) { return T(x); });
+    cuda::copy(backend, w2_, std::span<const T>(staging.data(), per));
+    backend.synchronize();
+  }
+
+  /// [2 · width, dim] and [dim, width], device.
+  [[nodiscard]] const device_type* w13() const { return w13_.data(); }
+  [[nodiscard]] const device_type* w2() const { return w2_.data(); }
+
+ private:
+  cuda::DeviceBuffer<device_type> w13_, w2_;
+};
+
 namespace detail::expert_kernels {
 
 /// Tiling of the grouped GEMM: a block of 4 warps computes a 64 × 64 tile of x · Wᵀ, each warp
@@ -102,17 +144,19 @@ struct GroupedGemmParams {
   const float* a;                  // [rows, k] fp32 activations (expert_in or hidden)
   const T* w;                      // [experts, w_rows, k] 16-bit weights
   float* out;                      // [rows, n]: hidden (gate_up, n = inter) or expert_out (n = dim)
-  const std::int32_t* offsets;     // [experts + 1] segment starts
+  const std::int32_t* offsets;     // [experts + 1] segment starts; null: one segment
   const std::int32_t* counts;      // [experts] kept rows
   const std::int32_t* tile_start;  // [experts + 1] the plan's row_block_starts
   int experts;
-  int k;       // reduction length
-  int n;       // output columns
-  int w_rows;  // rows of one expert's weight (2 · inter for gate_up, dim for down)
+  int single_rows;  // with offsets null: the rows of the one segment (expert 0, from row 0)
+  int k;            // reduction length
+  int n;            // output columns
+  int w_rows;       // rows of one expert's weight (2 · inter for gate_up, dim for down)
 };
 
 /// One 64 × 64 output tile of one expert's segment. blockIdx.x: the row-block tile over all
-/// experts (tiles past the last expert's exit), blockIdx.y: the column tile.
+/// experts (tiles past the last expert's exit), blockIdx.y: the column tile. Without a plan
+/// (offsets null) the rows are one segment of expert 0: the shared experts.
 template <class T, Projection kProjection>
 __global__ void __launch_bounds__(GroupedGemmTraits::threads)
     grouped_swiglu_gemm(GroupedGemmParams<T> p) {
@@ -122,20 +166,25 @@ __global__ void __launch_bounds__(GroupedGemmTraits::threads)
   __shared__ __align__(16) T w_tile[Traits::block_n * ld];
 
   const int tile = static_cast<int>(blockIdx.x);
-  if (tile >= p.tile_start[p.experts]) return;
-  // The expert whose row blocks contain this tile: the last e with tile_start[e] <= tile.
-  int lo = 0, hi = p.experts - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.tile_start[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
+  int e = 0, row0 = tile * Traits::block_m, row_end = p.single_rows;
+  if (p.offsets != nullptr) {
+    if (tile >= p.tile_start[p.experts]) return;
+    // The expert whose row blocks contain this tile: the last e with tile_start[e] <= tile.
+    int lo = 0, hi = p.experts - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.tile_start[mid] <= tile) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
     }
+    e = lo;
+    row0 = p.offsets[e] + (tile - p.tile_start[e]) * Traits::block_m;
+    row_end = p.offsets[e] + p.counts[e];
+  } else if (row0 >= row_end) {
+    return;
   }
-  const int e = lo;
-  const int row0 = p.offsets[e] + (tile - p.tile_start[e]) * Traits::block_m;
-  const int row_end = p.offsets[e] + p.counts[e];
   // Columns of the tile: for gate_up, 32 hidden units (w1 rows u0.., then w3 rows inter + u0..).
   const int col0 = static_cast<int>(blockIdx.y) *
                    (kProjection == Projection::gate_up ? Traits::block_n / 2 : Traits::block_n);
@@ -249,15 +298,52 @@ struct ExpertsImpl<CudaBackend> {
     cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
                  ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
                  ek::GroupedGemmParams<D>{in.data(), weights.w13(), hidden.data(), plan.offsets(),
-                                          plan.counts(), plan.row_block_starts(), experts, dim,
+                                          plan.counts(), plan.row_block_starts(), experts, 0, dim,
                                           inter, 2 * inter});
-    cuda::launch(
-        cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
-        ek::grouped_swiglu_gemm<D, ek::Projection::down>,
-        ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), plan.offsets(),
-                                 plan.counts(), plan.row_block_starts(), experts, inter, dim, dim});
+    cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+                 ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), plan.offsets(),
+                                          plan.counts(), plan.row_block_starts(), experts, 0, inter,
+                                          dim, dim});
     cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows<>,
                  ek::ZeroPaddingParams{plan.row_slot(), hidden.data(), out.data(), inter, dim});
+  }
+
+  /// The shared MLP over every token as the grouped GEMM's single segment (offsets null): one
+  /// expert of width n_shared · inter over all rows. Chosen over cuBLAS because the kernel rounds
+  /// the fp32 activations to T as it loads its tiles and forms silu(g) · u in registers, so no
+  /// 16-bit copy of x or of the hidden activations (and no workspace for them) is needed, and
+  /// the shared and routed experts round exactly alike.
+  template <MoeConfig C, class T>
+  static void shared(const CudaBackend& cuda, const DeviceSharedExpertWeights<C, T>& weights,
+                     TensorView<const float, 2, DeviceMemory> x,
+                     TensorView<float, 2, DeviceMemory> hidden,
+                     TensorView<float, 2, DeviceMemory> out) {
+    namespace ek = expert_kernels;
+    using Traits = ek::GroupedGemmTraits;
+    using D = typename DeviceSharedExpertWeights<C, T>::device_type;
+    const index_t tokens = x.extent(0);
+    const int dim = int(C::dim), width = int(DeviceSharedExpertWeights<C, T>::width);
+    if (tokens == 0) return;
+    daedalus::detail::require<InvalidArgument>(
+        tokens <= std::numeric_limits<int>::max(), "daedalus::moe::shared_experts: 'x' has ",
+        tokens, " rows; expected at most ", std::numeric_limits<int>::max());
+    if (width == 0) {  // no shared experts: out = 0
+      DAEDALUS_CUDA_CHECK(cudaMemsetAsync(
+          out.data(), 0, std::size_t(tokens) * std::size_t(dim) * sizeof(float), cuda.stream()));
+      return;
+    }
+    const auto row_tiles = unsigned((tokens + Traits::block_m - 1) / Traits::block_m);
+    const auto unit_tiles = unsigned((width + Traits::block_n / 2 - 1) / (Traits::block_n / 2));
+    const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
+    cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
+                 ek::GroupedGemmParams<D>{x.data(), weights.w13(), hidden.data(), nullptr, nullptr,
+                                          nullptr, 1, int(tokens), dim, width, 2 * width});
+    cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+                 ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), nullptr, nullptr,
+                                          nullptr, 1, int(tokens), width, dim, dim});
   }
 };
 

@@ -10,7 +10,8 @@
 //   (scores, selection bias, group limit, top-k, weights) with its finiteness check (one 16-byte
 //   copy back and a stream synchronisation). routing_over_logits = this row's time over
 //   BM_gate_logits' time at the same T (issue 6's target: under 10% at 4096 tokens).
-// - BM_gate<C>/tokens:T: both, as moe::route does them. DeepSeek-V3's shapes (7168 → 256 experts,
+// - BM_gate<C>/tokens:T: moe::route with a DeviceGateWeights, both steps. DeepSeek-V3's shapes
+// (7168 → 256 experts,
 //   8 groups / 4 kept, top-8, sigmoid with bias) at 1, 64, 4096 and 65536 tokens.
 // - BM_plan<C>/tokens:T: DeviceRoutingPlan::build (its validation included) for ids routed from
 //   random logits.
@@ -51,9 +52,9 @@ using daedalus::bench::fill_random;
 template <class T, int R>
 using DeviceView = TensorView<T, R, DeviceMemory>;
 
-/// The gate's device data for T tokens of config C: random activations in [-1, 1), a weight in
-/// ±1/sqrt(dim) (nn.Linear's range), a selection bias in ±0.05 where the config has one, the
-/// logits, and the routed ids and weights.
+/// The gate's device data for T tokens of config C: random activations in [-1, 1), the gate of
+/// GateWeights<C>::random (weight in ±1/sqrt(dim), nn.Linear's range; the config's selection
+/// bias) on the device, the logits, and the routed ids and weights.
 template <class C>
 struct GateData {
   static constexpr int experts = C::n_routed_experts;
@@ -61,40 +62,47 @@ struct GateData {
   static constexpr index_t dim = C::dim;
 
   index_t tokens;
-  moe::GateSettings settings = moe::GateSettings::from_config<C>();
-  dcuda::DeviceBuffer<float> x, weight, bias, logits, topk_weights;
+  moe::DeviceGateWeights<C> gate;
+  dcuda::DeviceBuffer<float> x, logits, topk_weights;
   dcuda::DeviceBuffer<std::int32_t> topk_ids;
 
   GateData(const CudaBackend& backend, index_t t)
       : tokens(t),
+        gate(backend, moe::GateWeights<C>::random(3)),
         x(std::size_t(t * dim)),
-        weight(std::size_t(experts * dim)),
-        bias(moe::GateWeights<C>::has_bias_by_default ? std::size_t(experts) : 0),
         logits(std::size_t(t * experts)),
         topk_weights(std::size_t(t * k)),
         topk_ids(std::size_t(t * k)) {
     fill_random(backend, x.data(), x.size(), 0x5eed0301);
-    fill_random(backend, weight.data(), weight.size(), 0x5eed0302, 1.0f / std::sqrt(float(dim)));
-    fill_random(backend, bias.data(), bias.size(), 0x5eed0303, 0.05f);
   }
 
+  /// The logits GEMM alone (what moe::route runs first).
   void compute_logits(const CudaBackend& backend) {
-    dcuda::gemm<float>(backend, tokens, experts, dim, {x.data(), dim, 0}, {weight.data(), dim, 0},
-                       dcuda::Weight::transposed, {logits.data(), experts, 0});
+    dcuda::gemm<float>(backend, tokens, experts, dim, {x.data(), dim, 0},
+                       {gate.weight().data(), dim, 0}, dcuda::Weight::transposed,
+                       {logits.data(), experts, 0});
   }
-  void route(const CudaBackend& backend) {
-    moe::route_logits(backend, settings,
+  /// The fused routing alone, on the logits.
+  void route_logits(const CudaBackend& backend) {
+    moe::route_logits(backend, moe::GateSettings::from_config<C>(),
                       DeviceView<const float, 2>(logits.data(), {tokens, index_t(experts)}),
-                      DeviceView<const float, 1>(bias.data(), {index_t(bias.size())}),
+                      gate.bias(),
                       DeviceView<std::int32_t, 2>(topk_ids.data(), {tokens, index_t(k)}),
                       DeviceView<float, 2>(topk_weights.data(), {tokens, index_t(k)}));
   }
+  /// The whole gate: moe::route.
+  void route(const CudaBackend& backend) {
+    moe::route(backend, gate, DeviceView<const float, 2>(x.data(), {tokens, dim}),
+               DeviceView<float, 2>(logits.data(), {tokens, index_t(experts)}),
+               DeviceView<std::int32_t, 2>(topk_ids.data(), {tokens, index_t(k)}),
+               DeviceView<float, 2>(topk_weights.data(), {tokens, index_t(k)}));
+  }
+
   /// Logits and routing computed once: the input of the plan and dispatch rows.
   static GateData routed(const CudaBackend& backend, index_t t) {
-    GateData gate(backend, t);
-    gate.compute_logits(backend);
-    gate.route(backend);
-    return gate;
+    GateData data(backend, t);
+    data.route(backend);
+    return data;
   }
 
   DeviceView<const std::int32_t, 2> ids() const { return {topk_ids.data(), {tokens, index_t(k)}}; }
@@ -122,8 +130,9 @@ void BM_gate(benchmark::State& state, GatePart part) {
     GateData<C> gate = GateData<C>::routed(dev.backend, tokens);
     if (!outputs_finite(state, dev.backend, gate.topk_weights, "topk_weights")) return;
     const double seconds = daedalus::bench::time_flushed_calls(state, dev, [&] {
-      if (part != GatePart::routing) gate.compute_logits(dev.backend);
-      if (part != GatePart::logits) gate.route(dev.backend);
+      if (part == GatePart::logits) gate.compute_logits(dev.backend);
+      if (part == GatePart::routing) gate.route_logits(dev.backend);
+      if (part == GatePart::whole) gate.route(dev.backend);
     });
     const double calls = double(state.iterations());
     const double flops = 2.0 * double(tokens) * double(C::dim) * C::n_routed_experts;
@@ -211,12 +220,61 @@ void register_movement(const std::string& config, std::int64_t tokens) {
       ->ArgName("tokens");
 }
 
+/// One V2-Lite-sized layer per config for every BM_moe_layer row (its random weights take
+/// seconds to draw on the host and gigabytes to upload).
+template <class C>
+moe::MoeLayer<C, CudaBackend>& layer_of(const CudaBackend& backend) {
+  static moe::MoeLayer<C, CudaBackend> layer = moe::MoeLayer<C, CudaBackend>::random(backend, 7);
+  return layer;
+}
+
+template <class C>
+void BM_moe_layer(benchmark::State& state) {
+  try {
+    BenchDevice& dev = bench_device();
+    const index_t tokens = state.range(0);
+    constexpr index_t dim = C::dim;
+    moe::MoeLayer<C, CudaBackend>& layer = layer_of<C>(dev.backend);
+    dcuda::DeviceBuffer<float> x(std::size_t(tokens * dim)), out(std::size_t(tokens * dim));
+    fill_random(dev.backend, x.data(), x.size(), 0x5eed0401);
+    DAEDALUS_CUDA_CHECK(cudaMemsetAsync(out.data(), 0xff, out.bytes(), dev.stream.get()));
+    const auto step = [&] {
+      layer.forward(dev.backend, DeviceView<const float, 2>(x.data(), {tokens, dim}),
+                    DeviceView<float, 2>(out.data(), {tokens, dim}));
+    };
+    step();
+    if (!outputs_finite(state, dev.backend, out, "layer output")) return;
+    const double seconds = time_calls(state, dev, step);
+    const double calls = double(state.iterations());
+    const double flops = moe::MoeLayer<C, CudaBackend>::flops(tokens);
+    state.counters["FLOP/s"] = seconds > 0 ? flops * calls / seconds : 0.0;
+    state.counters["gemm_fraction"] = seconds > 0 && dev.gemm_flops_per_second > 0
+                                          ? flops * calls / seconds / dev.gemm_flops_per_second
+                                          : 0.0;
+    state.counters["tokens/s"] = seconds > 0 ? double(tokens) * calls / seconds : 0.0;
+    state.counters["tokens"] = double(tokens);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+template <class C>
+void register_layer(const std::string& config, const std::vector<std::int64_t>& token_counts) {
+  for (const std::int64_t tokens : token_counts) {
+    daedalus::bench::register_timed("BM_moe_layer<" + config + ">", &BM_moe_layer<C>)
+        ->Arg(tokens)
+        ->ArgName("tokens");
+  }
+}
+
 void register_benchmarks() {
   daedalus::bench::register_roof_benchmarks();
   register_gate<Tiny>("Tiny", {1, 300});
   register_movement<Tiny>("Tiny", 300);
   register_gate<DeepSeekV3>("DeepSeekV3", {1, 64, 4096, 65536});
   register_movement<DeepSeekV3>("DeepSeekV3", 4096);
+  register_layer<Tiny>("Tiny", {5, 300});
+  register_layer<DeepSeekV2Lite>("DeepSeekV2Lite", {1, 64, 512, 4096});
 }
 
 }  // namespace

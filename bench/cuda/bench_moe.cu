@@ -244,7 +244,7 @@ void BM_moe_layer(benchmark::State& state) {
     };
     step();
     if (!outputs_finite(state, dev.backend, out, "layer output")) return;
-    const double seconds = time_calls(state, dev, step);
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, step);
     const double calls = double(state.iterations());
     const double flops = moe::MoeLayer<C, CudaBackend>::flops(tokens);
     state.counters["FLOP/s"] = seconds > 0 ? flops * calls / seconds : 0.0;

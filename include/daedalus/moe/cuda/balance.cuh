@@ -511,8 +511,9 @@ class DeviceBalanceLoss {
             detail::loss_kernels::kAuxiliary);
   }
 
-  /// The same, returning the value: the call, one small copy and a synchronisation.
-  /// @throws as sequence_balance_loss(scores, k, alpha) on the host.
+  /// The same, returning the value: the call, two small copies and one synchronisation.
+  /// @throws as sequence_balance_loss(scores, k, alpha) on the host; a refusal still pending
+  ///         from an earlier device-scalar call (not yet check()ed) is reported first.
   [[nodiscard]] double sequence(const CudaBackend& backend,
                                 TensorView<const float, 2, DeviceMemory> scores, int k,
                                 double alpha) {
@@ -630,8 +631,8 @@ class DeviceBalanceLoss {
 };
 
 /// sequence_balance_loss (DeepSeek-V3 eqs. 17-20) on device scores: the value, computed on the
-/// device (DeviceBalanceLoss; one small copy back). Same parameters, checks and errors as the
-/// host function.
+/// device (DeviceBalanceLoss; 8 bytes and the refusal record copied back). Same parameters, checks
+/// and errors as the host function.
 /// @param scores [T, E] device unbiased scores of one sequence
 /// @param k      K in [1, E]
 /// @param alpha  the balance factor; DeepSeek-V3 uses 0.0001
@@ -644,7 +645,7 @@ inline double sequence_balance_loss(const CudaBackend& backend,
 }
 
 /// auxiliary_balance_loss (GShard/Switch) on device scores and ids: the value, computed on the
-/// device (one small copy back). Same parameters, checks and errors as the host function.
+/// device (a few bytes copied back). Same parameters, checks and errors as the host function.
 /// @param scores   [T, E] device unbiased scores
 /// @param topk_ids [T, K] device expert ids
 /// @param alpha    the loss weight; DeepSeek-V2 uses 0.003

@@ -26,13 +26,26 @@ TEST_CASE("cuda moe: balancing simulation (reduced shape) equals the CPU curve")
 
 TEST_CASE("cuda moe: balance losses and simulation under a shuffled schedule on 2 host threads") {
   namespace emulation = daedalus::cuda_emulation;
+  using namespace daedalus::testing::moe_balance_checks;
+  const daedalus::CudaBackend cuda;
+  // The losses in the default schedule, then again with blocks on 2 threads in a shuffled order
+  // (the integer atomics then land in another order): the same bits.
+  const LossCase shape{300, 64, 6, false};
+  const LossData data = loss_data(shape, 4980);
+  const auto scores_d = daedalus::cuda::to_device(cuda, data.scores);
+  const auto ids_d = daedalus::cuda::to_device(cuda, data.ids);
+  const ScoreView scores(scores_d.data(), {shape.tokens, shape.experts});
+  const IdView ids(ids_d.data(), {shape.tokens, shape.k});
+  const double seq = daedalus::moe::sequence_balance_loss(cuda, scores, shape.k);
+  const double aux = daedalus::moe::auxiliary_balance_loss(cuda, scores, ids);
+
   emulation::Options options;
   options.schedule = emulation::Schedule::shuffled;
   options.seed = 23;
   options.host_threads = 2;
   emulation::ScopedOptions scoped(options);
-  using namespace daedalus::testing::moe_balance_checks;
-  const daedalus::CudaBackend cuda;
+  CHECK(same_bits(daedalus::moe::sequence_balance_loss(cuda, scores, shape.k), seq));
+  CHECK(same_bits(daedalus::moe::auxiliary_balance_loss(cuda, scores, ids), aux));
   check_losses_match_reference(cuda);
   check_loss_bad_input(cuda);
   const auto seed = daedalus::testing::stream_seed(4970);

@@ -14,6 +14,7 @@
 
 #include "support/random.hpp"
 #include "support/reference/moe_gate_reference.hpp"
+#include "support/skewed_router.hpp"
 
 namespace {
 
@@ -24,43 +25,17 @@ namespace dt = daedalus::testing;
 namespace moe = daedalus::moe;
 namespace ref = moe_gate_reference;
 
-/// The skewed router of the simulation: 16 experts in 4 groups (2 kept), top-4, sigmoid scores,
-/// normalised, an additive selection bias starting at 0 (V3's gate at a small size). Each
-/// token's logits are uniform in [-2, 2] plus +1.5 for experts 0-3 and +0.75 for experts 4-5:
-/// without balancing, experts 0-3 take most tokens (MaxVio ≈ 2.5).
-struct SkewedRouter {
-  static constexpr int experts = 16, k = 4, tokens = 4096;
-  moe::GateSettings settings;
-  std::vector<float> bias = std::vector<float>(experts, 0.0f);
-  std::vector<float> logits = std::vector<float>(std::size_t(tokens) * experts);
-  std::vector<std::int32_t> ids = std::vector<std::int32_t>(std::size_t(tokens) * k);
-  std::vector<float> weights = std::vector<float>(std::size_t(tokens) * k);
-  std::uint64_t state;
+/// The shared skewed router (support/skewed_router.hpp) routed on the CPU.
+struct CpuSkewedRouter : dt::SkewedRouter {
+  static constexpr int tokens_per_step = 4096;
+  std::vector<std::int32_t> ids = std::vector<std::int32_t>(std::size_t(tokens_per_step) * k);
+  std::vector<float> weights = std::vector<float>(std::size_t(tokens_per_step) * k);
 
-  explicit SkewedRouter(std::uint64_t seed) : state(seed) {
-    settings.score_func = daedalus::ScoreFunc::sigmoid;
-    settings.n_routed_experts = experts;
-    settings.n_expert_groups = 4;
-    settings.n_limited_groups = 2;
-    settings.topk = k;
-    settings.normalize = true;
-  }
-
-  /// A fast uniform in [-1, 1) (splitmix64): the simulation draws 65,536 logits a step.
-  float uniform() {
-    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return float(double(z >> 40) * 0x1p-23 - 1.0);
-  }
+  explicit CpuSkewedRouter(std::uint64_t seed) : SkewedRouter(seed, tokens_per_step) {}
 
   /// One step: draw a batch, route it with the current bias, return its ids.
   HostView<const std::int32_t, 2> step(const CpuBackend& cpu) {
-    for (int t = 0; t < tokens; ++t)
-      for (int e = 0; e < experts; ++e)
-        logits[std::size_t(t) * experts + e] =
-            2.0f * uniform() + (e < 4 ? 1.5f : (e < 6 ? 0.75f : 0.0f));
+    draw();
     moe::route_logits(cpu, settings, HostView<const float, 2>(logits.data(), {tokens, experts}),
                       HostView<const float, 1>(bias.data(), {experts}),
                       HostView<std::int32_t, 2>(ids.data(), {tokens, k}),
@@ -73,9 +48,9 @@ struct SkewedRouter {
 /// When `late` is given, it records the steps from `late_from` on.
 std::vector<double> simulate(int steps, bool update, moe::BalancerSettings balancer_settings = {},
                              moe::LoadStats* late = nullptr, int late_from = 0) {
-  SkewedRouter router(dt::stream_seed(4700));
-  moe::LoadStats stats(SkewedRouter::experts);
-  const moe::BiasBalancer balancer(SkewedRouter::experts, balancer_settings);
+  CpuSkewedRouter router(dt::stream_seed(4700));
+  moe::LoadStats stats(CpuSkewedRouter::experts);
+  const moe::BiasBalancer balancer(CpuSkewedRouter::experts, balancer_settings);
   const CpuBackend cpu(2);
   std::vector<double> max_vio;
   for (int s = 0; s < steps; ++s) {
@@ -84,7 +59,7 @@ std::vector<double> simulate(int steps, bool update, moe::BalancerSettings balan
     if (late != nullptr && s >= late_from) late->record(ids);
     max_vio.push_back(stats.max_vio_batch());
     if (update)
-      balancer.update(HostView<float, 1>(router.bias.data(), {SkewedRouter::experts}),
+      balancer.update(HostView<float, 1>(router.bias.data(), {CpuSkewedRouter::experts}),
                       stats.step_counts());
   }
   return max_vio;
@@ -198,7 +173,7 @@ TEST_CASE("balancing simulation: MaxVio falls from above 1 to below 0.1 within 1
   // varies by √c̄ ≈ 3% and the largest of 16 by 2-3 times that; the counts accumulated over
   // the last 150 steps are balanced far better (MaxVio_global).
   constexpr int steps = 400;
-  moe::LoadStats late(SkewedRouter::experts);
+  moe::LoadStats late(CpuSkewedRouter::experts);
   const std::vector<double> with_update = simulate(steps, true, {}, &late, 250);
   const std::vector<double> without = simulate(100, false);
   MESSAGE("MaxVio_batch with update: step 0 "

@@ -223,30 +223,70 @@ class BiasBalancer {
 
 namespace detail {
 
-/// Checks scores [tokens, experts] for the losses: finite, non-negative, positive row sums.
-inline void check_loss_scores(std::string_view fn, const HostView<const float, 2>& scores) {
+/// The losses' checks that need no values, so that the CPU and the device functions share them
+/// (any memory space): scores [tokens, experts] packed with at least one token and one expert.
+template <class Space>
+void check_loss_score_extents(std::string_view fn,
+                              const TensorView<const float, 2, Space>& scores) {
   daedalus::detail::check_extents(fn, "scores", scores, {scores.extent(0), scores.extent(1)});
   daedalus::detail::require<InvalidArgument>(
       scores.extent(0) >= 1 && scores.extent(1) >= 1, fn, ": 'scores' has extents ",
       daedalus::detail::format_extents<index_t>(scores.extents()),
       "; expected at least one token and one expert");
+}
+
+/// The sequence-wise loss's K: in [1, E].
+inline void check_loss_k(std::string_view fn, int k, index_t experts) {
+  daedalus::detail::require<InvalidArgument>(k >= 1 && k <= experts, fn, ": 'k' is ", k,
+                                             "; expected a value in [1, ", experts, "]");
+}
+
+/// The auxiliary loss's topk_ids: [tokens, K], K >= 1, packed (any memory space).
+template <class Space>
+void check_loss_id_extents(std::string_view fn, index_t tokens,
+                           const TensorView<const std::int32_t, 2, Space>& topk_ids) {
+  const index_t k = topk_ids.extent(1);
+  daedalus::detail::require<InvalidArgument>(
+      k >= 1, fn, ": 'topk_ids' has extents ",
+      daedalus::detail::format_extents<index_t>(topk_ids.extents()),
+      "; expected at least one column");
+  daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
+}
+
+/// The NumericError of a bad score row: the first bad score of token t (at expert i), or, when
+/// every score is finite and non-negative, a row summing to 0. Shared by the CPU check and the
+/// device functions' report, so both say the same.
+inline NumericError loss_score_error(std::string_view fn, index_t t, index_t i, float s) {
+  return NumericError(daedalus::detail::message(
+      fn, ": token ", t, " has score ", s, " at expert ", i,
+      "; expected finite non-negative scores (softmax or sigmoid outputs)"));
+}
+inline NumericError loss_zero_row_error(std::string_view fn, index_t t) {
+  return NumericError(daedalus::detail::message(fn, ": token ", t,
+                                                " has scores summing to 0; expected a "
+                                                "positive sum"));
+}
+
+/// The OutOfRange of an expert id outside [0, E) at flat slot i of topk_ids [tokens, k].
+inline OutOfRange loss_id_error(std::string_view fn, index_t i, index_t k, std::int32_t e,
+                                index_t experts) {
+  return OutOfRange(daedalus::detail::message(fn, ": 'topk_ids' holds ", e, " at token ", i / k,
+                                              ", slot ", i % k, "; expected an expert id in [0, ",
+                                              experts, ")"));
+}
+
+/// Checks scores [tokens, experts] for the losses: finite, non-negative, positive row sums.
+inline void check_loss_scores(std::string_view fn, const HostView<const float, 2>& scores) {
+  check_loss_score_extents(fn, scores);
   const index_t experts = scores.extent(1);
   for (index_t t = 0; t < scores.extent(0); ++t) {
     double sum = 0.0;
     for (index_t i = 0; i < experts; ++i) {
       const float s = scores.data()[t * experts + i];
-      if (!(std::isfinite(s) && s >= 0.0f)) {
-        throw NumericError(daedalus::detail::message(
-            fn, ": token ", t, " has score ", s, " at expert ", i,
-            "; expected finite non-negative scores (softmax or sigmoid outputs)"));
-      }
+      if (!(std::isfinite(s) && s >= 0.0f)) throw loss_score_error(fn, t, i, s);
       sum += s;
     }
-    if (!(sum > 0.0)) {
-      throw NumericError(daedalus::detail::message(fn, ": token ", t,
-                                                   " has scores summing to 0; expected a "
-                                                   "positive sum"));
-    }
+    if (!(sum > 0.0)) throw loss_zero_row_error(fn, t);
   }
 }
 
@@ -282,8 +322,7 @@ inline double sequence_balance_loss(HostView<const float, 2> scores, int k, doub
   constexpr std::string_view fn = "daedalus::moe::sequence_balance_loss";
   detail::check_loss_scores(fn, scores);
   const index_t tokens = scores.extent(0), experts = scores.extent(1);
-  daedalus::detail::require<InvalidArgument>(k >= 1 && k <= experts, fn, ": 'k' is ", k,
-                                             "; expected a value in [1, ", experts, "]");
+  detail::check_loss_k(fn, k, experts);
   std::vector<double> f(static_cast<std::size_t>(experts), 0.0);
   std::vector<index_t> order(static_cast<std::size_t>(experts));
   for (index_t t = 0; t < tokens; ++t) {
@@ -318,17 +357,11 @@ inline double auxiliary_balance_loss(HostView<const float, 2> scores,
   detail::check_loss_scores(fn, scores);
   const index_t tokens = scores.extent(0), experts = scores.extent(1);
   const index_t k = topk_ids.extent(1);
-  daedalus::detail::require<InvalidArgument>(
-      k >= 1, fn, ": 'topk_ids' has extents ",
-      daedalus::detail::format_extents<index_t>(topk_ids.extents()),
-      "; expected at least one column");
-  daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
+  detail::check_loss_id_extents(fn, tokens, topk_ids);
   std::vector<double> f(static_cast<std::size_t>(experts), 0.0);
   for (index_t i = 0; i < topk_ids.size(); ++i) {
     const std::int32_t e = topk_ids.data()[i];
-    daedalus::detail::require<OutOfRange>(e >= 0 && e < experts, fn, ": 'topk_ids' holds ", e,
-                                          " at token ", i / k, ", slot ", i % k,
-                                          "; expected an expert id in [0, ", experts, ")");
+    if (!(e >= 0 && e < experts)) throw detail::loss_id_error(fn, i, k, e, experts);
     f[std::size_t(e)] += 1.0 / double(tokens * k);
   }
   const std::vector<double> p = detail::mean_normalized_scores(scores);

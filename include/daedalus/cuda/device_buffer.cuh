@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <concepts>
 #include <cstddef>
@@ -233,6 +234,28 @@ template <class T>
   copy(backend, std::span<host_storage_t<T>>(dst), src);
   backend.synchronize();
   return dst;
+}
+
+/// `count` elements of device memory owned by the calling thread on its current device, kept for
+/// the thread's life and grown on demand: the few words of error flags that a stateless entry
+/// point (moe::route_logits) writes, copies back and waits for before it returns. A cudaMalloc and
+/// a cudaFree per call would cost more than the check, and cudaFree waits for the whole device.
+/// The memory may be reused by the thread's next call, so a caller must be done with it (its
+/// stream synchronised) before it returns.
+/// @throws CudaError when the device cannot be queried or the allocation fails.
+template <class T>
+[[nodiscard]] T* thread_scratch(std::size_t count) {
+  int device = 0;
+  DAEDALUS_CUDA_CHECK(cudaGetDevice(&device));
+  thread_local std::vector<std::pair<int, DeviceBuffer<T>>> per_device;
+  auto it = std::find_if(per_device.begin(), per_device.end(),
+                         [&](const auto& entry) { return entry.first == device; });
+  if (it == per_device.end()) {
+    per_device.emplace_back(device, DeviceBuffer<T>());
+    it = per_device.end() - 1;
+  }
+  if (it->second.size() < count) it->second = DeviceBuffer<T>(count);
+  return it->second.data();
 }
 
 }  // namespace daedalus::cuda

@@ -42,6 +42,9 @@ TEST_SUITE("cuda") {
   TEST_CASE("DeviceBuffer, to_device/to_host and copy: round trips, moves, bad input") {
     check_buffers_and_copies(daedalus::CudaBackend{});
   }
+  TEST_CASE("thread_scratch: one buffer per thread and device, reused and grown") {
+    check_thread_scratch(daedalus::CudaBackend{});
+  }
   TEST_CASE("DAEDALUS_CUDA_CHECK and launch report failures as CudaError") {
     check_errors(daedalus::CudaBackend{});
   }

@@ -23,6 +23,7 @@
 #include <daedalus/cuda.cuh>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda/kernels/atomics.cuh"
@@ -433,6 +434,31 @@ inline void check_buffers_and_copies(const CudaBackend& cuda) {
   cuda::DeviceBuffer<float> empty(0);
   CHECK(empty.data() == nullptr);
   CHECK(cuda::to_host(cuda, empty).empty());
+}
+
+/// cuda::thread_scratch: the calling thread keeps one buffer per device and reuses it; a larger
+/// request grows it (and the grown buffer holds that many elements); another thread gets its own.
+inline void check_thread_scratch(const CudaBackend& cuda) {
+  int* first = cuda::thread_scratch<int>(2);
+  REQUIRE(first != nullptr);
+  CHECK(cuda::thread_scratch<int>(1) == first);  // reused, not reallocated
+  CHECK(cuda::thread_scratch<int>(2) == first);
+  constexpr std::size_t grown = 1000;
+  int* large = cuda::thread_scratch<int>(grown);
+  std::vector<int> values(grown);
+  for (std::size_t i = 0; i < grown; ++i) values[i] = int(i * 7 + 3);
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(large, values.data(), grown * sizeof(int),
+                                      cudaMemcpyHostToDevice, cuda.stream()));
+  std::vector<int> back(grown, -1);
+  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(back.data(), large, grown * sizeof(int),
+                                      cudaMemcpyDeviceToHost, cuda.stream()));
+  cuda.synchronize();
+  CHECK(back == values);
+  CHECK(cuda::thread_scratch<int>(grown) == large);
+  int* other_thread = nullptr;
+  std::thread([&] { other_thread = cuda::thread_scratch<int>(2); }).join();
+  CHECK(other_thread != nullptr);
+  CHECK(other_thread != large);
 }
 
 inline void check_errors(const CudaBackend& cuda) {

@@ -313,17 +313,19 @@ struct GateImpl<CudaBackend> {
                            index_t tokens, int experts, const float* bias) {
     namespace gk = gate_kernels;
     // Two words: the lowest index of a non-finite logit, and of a non-finite bias.
-    cuda::DeviceBuffer<unsigned long long> first_bad(2);
+    // The calling thread's scratch: this function synchronises the stream before it returns.
+    unsigned long long* first_bad = cuda::thread_scratch<unsigned long long>(2);
     const unsigned long long none[2] = {~0ull, ~0ull};
-    cuda::copy(cuda, first_bad, std::span<const unsigned long long>(none, 2));
+    DAEDALUS_CUDA_CHECK(
+        cudaMemcpyAsync(first_bad, none, sizeof(none), cudaMemcpyHostToDevice, cuda.stream()));
     const std::int64_t count = std::int64_t(tokens) * experts;
     const unsigned scan_blocks = unsigned(
         std::clamp<std::int64_t>((std::max<std::int64_t>(count, experts) + 255) / 256, 1, 4096));
     cuda::launch(cuda, {dim3(scan_blocks), dim3(256)}, gk::find_non_finite<>,
-                 gk::FiniteParams{logits, count, bias, experts, first_bad.data()});
+                 gk::FiniteParams{logits, count, bias, experts, first_bad});
     unsigned long long found[2] = {none[0], none[1]};
-    DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(found, first_bad.data(), sizeof(found),
-                                        cudaMemcpyDeviceToHost, cuda.stream()));
+    DAEDALUS_CUDA_CHECK(
+        cudaMemcpyAsync(found, first_bad, sizeof(found), cudaMemcpyDeviceToHost, cuda.stream()));
     cuda.synchronize();
     if (found[1] != none[1]) {
       float b = 0.0f;

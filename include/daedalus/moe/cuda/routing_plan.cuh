@@ -321,16 +321,18 @@ class DeviceRoutingPlan {
     const float* weights = topk_weights.data();
 
     // Validation first: nothing of the plan changes before it passes.
-    cuda::DeviceBuffer<int> first_bad(1);
+    // The flag lives in the plan (a cudaMalloc and cudaFree per build would make every build
+    // wait for the whole device); the build synchronises before it reads it back.
+    if (first_bad_.size() == 0) first_bad_ = cuda::DeviceBuffer<int>(1);
     const int none = INT_MAX;
-    cuda::copy(backend, first_bad, std::span<const int>(&none, 1));
+    cuda::copy(backend, first_bad_, std::span<const int>(&none, 1));
     if (n > 0) {
       cuda::launch(backend, {dim3(blocks_for(n)), dim3(k::kThreads)}, k::validate_slots<>,
-                   k::ValidateParams{ids, weights, n, num_experts, first_bad.data()});
+                   k::ValidateParams{ids, weights, n, num_experts, first_bad_.data()});
     }
     int bad = none;
-    DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(&bad, first_bad.data(), sizeof(int), cudaMemcpyDeviceToHost,
-                                        backend.stream()));
+    DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(&bad, first_bad_.data(), sizeof(int),
+                                        cudaMemcpyDeviceToHost, backend.stream()));
     backend.synchronize();
     if (bad != none) throw_bad_slot(backend, fn, ids, weights, bad, width, num_experts);
 
@@ -516,6 +518,7 @@ class DeviceRoutingPlan {
   PlanArrays storage_;  // the plan
   PlanArrays spare_;    // the previous plan's arrays: the next build writes into them
   ScratchArrays scratch_;
+  cuda::DeviceBuffer<int> first_bad_;  // [1] the validation's result (build's first step)
 };
 
 }  // namespace daedalus::moe

@@ -29,6 +29,29 @@
 /// fp32 accumulation, the SwiGLU product in fp32.
 namespace daedalus::moe {
 
+namespace detail {
+
+/// Rounds one SwiGLU MLP `v` (w13: w1's then w3's rows, 2·per values; w2: per values) to T
+/// (nearest even) and uploads it to `w13` and `w2` (device, of T's device type: the same bits)
+/// through `staging` (at least 2·per elements, reused: the stream is synchronised after each copy,
+/// so the host holds one MLP's 16-bit copy at a time).
+template <class T, class Device>
+void upload_rounded_swiglu(const CudaBackend& backend, const SwigluView& v, std::size_t per,
+                           Device* w13, Device* w2, std::vector<T>& staging) {
+  static_assert(sizeof(Device) == sizeof(T), "the device type holds T's bits");
+  const auto upload = [&](const float* src, std::size_t count, Device* dst) {
+    if (count == 0) return;
+    std::transform(src, src + count, staging.begin(), [](float x) { return T(x); });
+    DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(dst, staging.data(), count * sizeof(T),
+                                        cudaMemcpyHostToDevice, backend.stream()));
+    backend.synchronize();  // the staging buffer is reused by the next copy
+  };
+  upload(v.w13, 2 * per, w13);
+  upload(v.w2, per, w2);
+}
+
+}  // namespace detail
+
 /// The routed experts of one layer in device memory, in 16-bit storage T (bfloat16 or half):
 /// w13 [E, 2 · inter, dim] (w1's rows then w3's, as ExpertWeights) and w2 [E, dim, inter].
 template <MoeConfig C, class T = bfloat16>
@@ -54,17 +77,9 @@ class DeviceExpertWeights {
     const std::size_t per = std::size_t(inter) * std::size_t(dim);
     std::vector<T> staging(2 * per);
     for (int e = 0; e < num_experts; ++e) {
-      const SwigluView v = host.swiglu(e);
-      std::transform(v.w13, v.w13 + 2 * per, staging.begin(), [](float x) { return T(x); });
-      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(w13_.data() + std::size_t(e) * 2 * per, staging.data(),
-                                          2 * per * sizeof(T), cudaMemcpyHostToDevice,
-                                          backend.stream()));
-      backend.synchronize();  // the staging buffer is reused for the next expert
-      std::transform(v.w2, v.w2 + per, staging.begin(), [](float x) { return T(x); });
-      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(w2_.data() + std::size_t(e) * per, staging.data(),
-                                          per * sizeof(T), cudaMemcpyHostToDevice,
-                                          backend.stream()));
-      backend.synchronize();
+      detail::upload_rounded_swiglu(backend, host.swiglu(e), per,
+                                    w13_.data() + std::size_t(e) * 2 * per,
+                                    w2_.data() + std::size_t(e) * per, staging);
     }
   }
 
@@ -96,15 +111,9 @@ class DeviceSharedExpertWeights {
   /// Rounds `host` to T (nearest even) and uploads it (synchronises the backend's stream).
   DeviceSharedExpertWeights(const CudaBackend& backend, const SharedExpertWeights<C>& host)
       : w13_(std::size_t(2 * width * dim)), w2_(std::size_t(dim * width)) {
-    const SwigluView v = host.swiglu();
     const std::size_t per = std::size_t(width) * std::size_t(dim);
     std::vector<T> staging(2 * per);
-    std::transform(v.w13, v.w13 + 2 * per, staging.begin(), [](float x) { return T(x); });
-    cuda::copy(backend, w13_, std::span<const T>(staging));
-    backend.synchronize();  // the staging buffer is reused for w2
-    std::transform(v.w2, v.w2 + per, staging.begin(), [](float x) { return T(x); });
-    cuda::copy(backend, w2_, std::span<const T>(staging.data(), per));
-    backend.synchronize();
+    detail::upload_rounded_swiglu(backend, host.swiglu(), per, w13_.data(), w2_.data(), staging);
   }
 
   /// [2 · width, dim] and [dim, width], device.

@@ -23,6 +23,9 @@
 //   DeepSeek-V2-Lite (64 experts of width 1408, top-6, 2 shared) at 1, 64, 512 and 4096 tokens;
 //   FLOP/s of useful work (MoeLayer::flops), tokens/s. The PyTorch expert loop on the same shapes
 //   is bench/compare/torch_moe.py --device cuda (bench/gpu/check.sh runs both).
+// - BM_moe_layer_permuted_read<C>/tokens:T: the same layer with DeviceExpertPath::
+//   grouped_mma_permuted_read (the first expert GEMM reads the tokens through the plan; no
+//   dispatched copy) at 512 and 4096 tokens: whether skipping the copy pays.
 //
 // Every iteration flushes L2 first (outside the timed region) and times one call between two
 // CUDA events, after two untimed calls; the first also checks that the row's outputs are finite.
@@ -228,13 +231,14 @@ moe::MoeLayer<C, CudaBackend>& layer_of(const CudaBackend& backend) {
   return layer;
 }
 
-template <class C>
+template <class C, moe::DeviceExpertPath kPath>
 void BM_moe_layer(benchmark::State& state) {
   try {
     BenchDevice& dev = bench_device();
     const index_t tokens = state.range(0);
     constexpr index_t dim = C::dim;
     moe::MoeLayer<C, CudaBackend>& layer = layer_of<C>(dev.backend);
+    layer.set_expert_path(kPath);
     dcuda::DeviceBuffer<float> x(std::size_t(tokens * dim)), out(std::size_t(tokens * dim));
     fill_random(dev.backend, x.data(), x.size(), 0x5eed0401);
     DAEDALUS_CUDA_CHECK(cudaMemsetAsync(out.data(), 0xff, out.bytes(), dev.stream.get()));
@@ -258,10 +262,13 @@ void BM_moe_layer(benchmark::State& state) {
   }
 }
 
-template <class C>
-void register_layer(const std::string& config, const std::vector<std::int64_t>& token_counts) {
+/// The layer with the routed experts' path kPath; `kind` names the path in the row
+/// (bench/gpu/table.py reads it).
+template <class C, moe::DeviceExpertPath kPath>
+void register_layer(const std::string& kind, const std::string& config,
+                    const std::vector<std::int64_t>& token_counts) {
   for (const std::int64_t tokens : token_counts) {
-    daedalus::bench::register_timed("BM_moe_layer<" + config + ">", &BM_moe_layer<C>)
+    daedalus::bench::register_timed(kind + "<" + config + ">", &BM_moe_layer<C, kPath>)
         ->Arg(tokens)
         ->ArgName("tokens");
   }
@@ -273,8 +280,15 @@ void register_benchmarks() {
   register_movement<Tiny>("Tiny", 300);
   register_gate<DeepSeekV3>("DeepSeekV3", {1, 64, 4096, 65536});
   register_movement<DeepSeekV3>("DeepSeekV3", 4096);
-  register_layer<Tiny>("Tiny", {5, 300});
-  register_layer<DeepSeekV2Lite>("DeepSeekV2Lite", {1, 64, 512, 4096});
+  using Path = moe::DeviceExpertPath;
+  register_layer<Tiny, Path::grouped_mma>("BM_moe_layer", "Tiny", {5, 300});
+  register_layer<Tiny, Path::grouped_mma_permuted_read>("BM_moe_layer_permuted_read", "Tiny",
+                                                        {300});
+  register_layer<DeepSeekV2Lite, Path::grouped_mma>("BM_moe_layer", "DeepSeekV2Lite",
+                                                    {1, 64, 512, 4096});
+  // Whether reading the tokens through the plan beats materialising the dispatched copy.
+  register_layer<DeepSeekV2Lite, Path::grouped_mma_permuted_read>("BM_moe_layer_permuted_read",
+                                                                  "DeepSeekV2Lite", {512, 4096});
 }
 
 }  // namespace

@@ -198,6 +198,21 @@ class SharedExpertWeights {
   std::vector<float> w2_;   // [dim, width]
 };
 
+namespace detail {
+
+/// The routed experts' checks of `plan` (built, for C's experts); its rows() when it passes.
+template <MoeConfig C, class Plan>
+index_t check_routed_plan(std::string_view fn, const Plan& plan) {
+  daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
+                                             ": 'plan' is empty; expected a built RoutingPlan");
+  daedalus::detail::require<InvalidArgument>(
+      plan.num_experts() == C::n_routed_experts, fn, ": 'plan' was built for ", plan.num_experts(),
+      " experts; expected ", C::n_routed_experts, " for ", config_name<C>());
+  return plan.rows();
+}
+
+}  // namespace detail
+
 /// Runs every routed expert over its segment of the plan: for each expert e and each kept row r
 /// of segment e, expert_out[r] = w2_e(silu(w1_e expert_in[r]) ⊙ w3_e expert_in[r]); padding rows
 /// of `hidden` and `expert_out` are set to zero (what the expert gives for dispatch's zero rows). A
@@ -225,12 +240,7 @@ void routed_experts(const Backend& backend, const Weights& weights, const Plan& 
                 "reads (ExpertWeights and RoutingPlan with CpuBackend, DeviceExpertWeights and "
                 "DeviceRoutingPlan with CudaBackend)");
   constexpr std::string_view fn = "daedalus::moe::routed_experts";
-  daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
-                                             ": 'plan' is empty; expected a built RoutingPlan");
-  daedalus::detail::require<InvalidArgument>(
-      plan.num_experts() == C::n_routed_experts, fn, ": 'plan' was built for ", plan.num_experts(),
-      " experts; expected ", C::n_routed_experts, " for ", config_name<C>());
-  const index_t rows = plan.rows();
+  const index_t rows = detail::check_routed_plan<C>(fn, plan);
   daedalus::detail::check_extents(fn, "expert_in", expert_in, {rows, index_t(C::dim)});
   daedalus::detail::check_extents(fn, "hidden", hidden, {rows, index_t(C::moe_inter_dim)});
   daedalus::detail::check_extents(fn, "expert_out", expert_out, {rows, index_t(C::dim)});

@@ -16,6 +16,8 @@
 #include <daedalus/moe/cuda/dispatch.cuh>
 #include <daedalus/moe/cuda/experts.cuh>
 #include <daedalus/moe/cuda/routing_plan.cuh>
+#include <limits>
+#include <span>
 #include <vector>
 
 #include "support/errors.hpp"
@@ -74,6 +76,23 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
   const auto out = cuda::to_host(cuda, out_d);
   const auto host_plan = plan.download(cuda);
 
+  // The permuted read: the same tiles from the token rows in place of the dispatched copy, so the
+  // same bits (hidden and out overwritten with NaN first: every row is written again).
+  {
+    cuda::DeviceBuffer<float> hidden2_d(hidden.size()), out2_d(out.size());
+    const std::vector<float> nan_hidden(hidden.size(), std::numeric_limits<float>::quiet_NaN());
+    const std::vector<float> nan_out(out.size(), std::numeric_limits<float>::quiet_NaN());
+    cuda::copy(cuda, hidden2_d, std::span<const float>(nan_hidden));
+    cuda::copy(cuda, out2_d, std::span<const float>(nan_out));
+    moe::routed_experts_from_tokens(
+        cuda, device_weights, plan,
+        TensorView<const float, 2, DeviceMemory>(x_d.data(), {tokens, dim}),
+        TensorView<float, 2, DeviceMemory>(hidden2_d.data(), {rows, inter}),
+        TensorView<float, 2, DeviceMemory>(out2_d.data(), {rows, dim}));
+    CHECK(cuda::to_host(cuda, hidden2_d) == hidden);
+    CHECK(cuda::to_host(cuda, out2_d) == out);
+  }
+
   const double gamma_dim = 1.01 * dim * 0x1p-24, gamma_inter = 1.01 * inter * 0x1p-24;
   std::size_t hidden_bad = 0, out_bad = 0, padding_bad = 0, checked = 0;
   std::vector<double> h(inter), h_bound(inter);
@@ -127,6 +146,49 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
   CHECK(padding_bad == 0);
 }
 
+/// With a capacity (experts keeping fewer rows than routed to them, some none), the permuted read
+/// equals dispatch followed by routed_experts bit for bit, padding rows included.
+template <class C>
+void check_from_tokens_with_capacity(const CudaBackend& cuda, int tokens, std::uint64_t stream) {
+  constexpr int experts = C::n_routed_experts, k = C::n_activated_experts;
+  constexpr int dim = C::dim, inter = C::moe_inter_dim;
+  const moe::DeviceExpertWeights<C> device_weights(cuda, moe::ExpertWeights<C>::random(stream));
+  Random rng(stream + 1);
+  // Skewed choices: half of the picks favour experts 0 and 1, far past the capacity.
+  std::vector<std::int32_t> ids = moe_reference::distinct_ids(
+      [&](int n) { return int(rng.integer(0, n - 1)); }, tokens, k, experts, 2);
+  const std::vector<float> routing_weights = rng.uniform_in(ids.size(), 0.1, 1.0);
+  const std::vector<float> x = rng.uniform(std::size_t(tokens) * dim);
+  const auto ids_d = cuda::to_device(cuda, ids);
+  const auto weights_d = cuda::to_device(cuda, routing_weights);
+  const auto x_d = cuda::to_device(cuda, x);
+  moe::DeviceRoutingPlan plan;
+  plan.build(cuda, TensorView<const std::int32_t, 2, DeviceMemory>(ids_d.data(), {tokens, k}),
+             TensorView<const float, 2, DeviceMemory>(weights_d.data(), {tokens, k}), experts,
+             moe::PlanSettings{0.7, moe::DropPolicy::probs, 8});
+  const auto host_plan = plan.download(cuda);
+  REQUIRE(host_plan.dropped > 0);
+  const index_t rows = plan.rows();
+  cuda::DeviceBuffer<float> in_d(std::size_t(rows) * dim), hidden_d(std::size_t(rows) * inter),
+      out_d(std::size_t(rows) * dim), hidden2_d(hidden_d.size()), out2_d(out_d.size());
+  moe::dispatch(cuda, plan, TensorView<const float, 2, DeviceMemory>(x_d.data(), {tokens, dim}),
+                TensorView<float, 2, DeviceMemory>(in_d.data(), {rows, dim}));
+  moe::routed_experts(cuda, device_weights, plan,
+                      TensorView<const float, 2, DeviceMemory>(in_d.data(), {rows, dim}),
+                      TensorView<float, 2, DeviceMemory>(hidden_d.data(), {rows, inter}),
+                      TensorView<float, 2, DeviceMemory>(out_d.data(), {rows, dim}));
+  moe::routed_experts_from_tokens(
+      cuda, device_weights, plan,
+      TensorView<const float, 2, DeviceMemory>(x_d.data(), {tokens, dim}),
+      TensorView<float, 2, DeviceMemory>(hidden2_d.data(), {rows, inter}),
+      TensorView<float, 2, DeviceMemory>(out2_d.data(), {rows, dim}));
+  const auto out = cuda::to_host(cuda, out_d);
+  CHECK(cuda::to_host(cuda, hidden2_d) == cuda::to_host(cuda, hidden_d));
+  CHECK(cuda::to_host(cuda, out2_d) == out);
+  // Not a vacuous equality: kept rows hold non-zero results.
+  CHECK(std::any_of(out.begin(), out.end(), [](float v) { return v != 0.0f; }));
+}
+
 /// Weights and plan from another backend or config are compile errors; a plan built for
 /// another number of experts and wrong extents are typed errors.
 inline void check_routed_experts_bad_input(const CudaBackend& cuda) {
@@ -152,6 +214,22 @@ inline void check_routed_experts_bad_input(const CudaBackend& cuda) {
              TensorView<const float, 2, DeviceMemory>(w_d.data(), {2, 3}), 12);
   CHECK(contains(message_of<InvalidArgument>([&] { run(5); }), "'expert_in' has extents"));
   CHECK_NOTHROW(run(6));
+
+  // The permuted read: x must be the plan's tokens.
+  const auto from_tokens = [&](index_t tokens) {
+    moe::routed_experts_from_tokens(
+        cuda, device_weights, plan,
+        TensorView<const float, 2, DeviceMemory>(a.data(), {tokens, Tiny::dim}),
+        TensorView<float, 2, DeviceMemory>(h.data(), {6, Tiny::moe_inter_dim}),
+        TensorView<float, 2, DeviceMemory>(o.data(), {6, Tiny::dim}));
+  };
+  CHECK(contains(message_of<InvalidArgument>([&] { from_tokens(3); }),
+                 "daedalus::moe::routed_experts_from_tokens: 'x' has extents"));
+  CHECK_NOTHROW(from_tokens(2));
+  plan.build(cuda, TensorView<const std::int32_t, 2, DeviceMemory>(ids_d.data(), {2, 3}),
+             TensorView<const float, 2, DeviceMemory>(w_d.data(), {2, 3}), 7);
+  CHECK(contains(message_of<InvalidArgument>([&] { from_tokens(2); }),
+                 "'plan' was built for 7 experts; expected 12"));
 }
 
 }  // namespace daedalus::testing::moe_experts_checks
@@ -162,6 +240,11 @@ TEST_SUITE("cuda moe") {
     const daedalus::CudaBackend cuda;
     check_routed_experts<daedalus::Tiny>(cuda, 45, 8201);
     check_routed_experts<OddExperts>(cuda, 83, 8202);
+  }
+  TEST_CASE("grouped SwiGLU experts reading tokens through the plan = dispatch + experts") {
+    const daedalus::CudaBackend cuda;
+    check_from_tokens_with_capacity<daedalus::Tiny>(cuda, 50, 8211);
+    check_from_tokens_with_capacity<OddExperts>(cuda, 71, 8212);
   }
   TEST_CASE("grouped SwiGLU experts: bad input gets typed errors") {
     check_routed_experts_bad_input(daedalus::CudaBackend{});

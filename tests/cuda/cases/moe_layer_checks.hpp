@@ -519,6 +519,12 @@ void check_layer(const CudaBackend& cuda, index_t tokens, std::uint64_t seed,
   CHECK(cuda::to_host(cuda, again_d) == out);
   CHECK(download(cuda, layer.topk_ids()) == ids);
   CHECK(download(cuda, layer.topk_weights()) == weights);
+
+  // The routed experts reading the tokens through the plan: no dispatched copy, the same bits.
+  layer.set_expert_path(moe::DeviceExpertPath::grouped_mma_permuted_read);
+  cuda::DeviceBuffer<float> permuted_d(x.size());
+  layer.forward(cuda, cview(x_d, tokens, dim), mview(permuted_d, tokens, dim));
+  CHECK(cuda::to_host(cuda, permuted_d) == out);
 }
 
 /// forward_and_balance over three steps: the device bias after each step is, bit for bit, the
@@ -687,6 +693,13 @@ inline void check_layer_bad_input(const CudaBackend& cuda) {
                                                  host_layer.shared(), {}, wrong);
                  }),
                  "'gate_settings' routes 2 of 12 experts; expected 3 of 12"));
+  unchanged();
+
+  // A path that is not a DeviceExpertPath: refused, the layer keeps its path.
+  CHECK(contains(message_of<InvalidArgument>(
+                     [&] { layer.set_expert_path(static_cast<moe::DeviceExpertPath>(7)); }),
+                 "daedalus::moe::MoeLayer::set_expert_path: 'path' is 7"));
+  CHECK(layer.expert_path() == moe::DeviceExpertPath::grouped_mma);
   unchanged();
 
   // An empty batch is valid input: nothing to compute, and the layer then describes it.

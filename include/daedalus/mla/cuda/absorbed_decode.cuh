@@ -295,20 +295,21 @@ void validate_on_device(const CudaBackend& backend,
   const index_t batch = view.batch();
   const index_t max_blocks = view.max_blocks();
   if (batch == 0) return;
-  daedalus::cuda::DeviceBuffer<detail::PagedCheckResult> result(1);
+  // The calling thread's scratch word, not a buffer per call: cudaFree would wait for the whole
+  // device. It is free again once this function has synchronised the stream below.
+  auto* result = daedalus::cuda::thread_scratch<detail::PagedCheckResult>(1);
+  DAEDALUS_CUDA_CHECK(cudaMemsetAsync(result, 0xFF, sizeof(unsigned long long), backend.stream()));
   DAEDALUS_CUDA_CHECK(
-      cudaMemsetAsync(result.data(), 0xFF, sizeof(unsigned long long), backend.stream()));
-  DAEDALUS_CUDA_CHECK(
-      cudaMemsetAsync(reinterpret_cast<unsigned char*>(result.data()) + sizeof(unsigned long long),
-                      0, sizeof(unsigned long long), backend.stream()));
+      cudaMemsetAsync(reinterpret_cast<unsigned char*>(result) + sizeof(unsigned long long), 0,
+                      sizeof(unsigned long long), backend.stream()));
   constexpr int threads = 128;
   daedalus::cuda::launch(backend, {dim3(unsigned((batch + threads - 1) / threads)), dim3(threads)},
                          &detail::paged_view_check<>, view.cache_seqlens.data(),
                          view.block_table.data(), int(batch), int(max_blocks), BS,
-                         static_cast<long long>(view.num_blocks), result.data());
+                         static_cast<long long>(view.num_blocks), result);
   detail::PagedCheckResult host{};
-  DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(&host, result.data(), sizeof(host), cudaMemcpyDeviceToHost,
-                                      backend.stream()));
+  DAEDALUS_CUDA_CHECK(
+      cudaMemcpyAsync(&host, result, sizeof(host), cudaMemcpyDeviceToHost, backend.stream()));
   backend.synchronize();
   if (host.first_bad != ~0ull) {
     const index_t b = index_t(host.first_bad / (unsigned long long)(max_blocks + 1));

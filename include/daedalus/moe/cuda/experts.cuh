@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
@@ -150,7 +151,11 @@ enum class Projection : int {
 
 template <class T>
 struct GroupedGemmParams {
-  const float* a;                  // [rows, k] fp32 activations (expert_in or hidden)
+  const float* a;                  // [rows, k] fp32 activations (expert_in or hidden), or with
+                                   // a_slot the [tokens, k] token rows
+  const std::int32_t* a_slot;      // null: row r of a is row r; else the plan's row_slot: row r
+                                   // is token a_slot[r] / a_topk of a (a permuted read)
+  int a_topk;                      // slots per token (with a_slot)
   const T* w;                      // [experts, w_rows, k] 16-bit weights
   float* out;                      // [rows, n]: hidden (gate_up, n = inter) or expert_out (n = dim)
   const std::int32_t* offsets;     // [experts + 1] segment starts; null: one segment
@@ -209,9 +214,11 @@ __global__ void __launch_bounds__(GroupedGemmTraits::threads)
     for (int i = tid; i < Traits::block_m * Traits::block_k; i += Traits::threads) {
       const int r = i / Traits::block_k, c = i % Traits::block_k;
       const int gr = row0 + r, gc = k0 + c;
-      a_tile[r * ld + c] = (gr < row_end && gc < p.k)
-                               ? ::daedalus::cuda::from_float<T>(p.a[std::int64_t(gr) * p.k + gc])
-                               : zero;
+      // Rows below row_end are kept rows; through the plan each holds a slot (>= 0), whose token
+      // row is read in place of a dispatched copy.
+      std::int64_t src = -1;
+      if (gr < row_end && gc < p.k) src = p.a_slot == nullptr ? gr : p.a_slot[gr] / p.a_topk;
+      a_tile[r * ld + c] = src >= 0 ? ::daedalus::cuda::from_float<T>(p.a[src * p.k + gc]) : zero;
     }
     for (int i = tid; i < Traits::block_n * Traits::block_k; i += Traits::threads) {
       const int r = i / Traits::block_k, c = i % Traits::block_k;
@@ -291,6 +298,27 @@ struct ExpertsImpl<CudaBackend> {
                      const DeviceRoutingPlan& plan, TensorView<const float, 2, DeviceMemory> in,
                      TensorView<float, 2, DeviceMemory> hidden,
                      TensorView<float, 2, DeviceMemory> out) {
+    grouped(cuda, weights, plan, in.data(), nullptr, hidden, out);
+  }
+
+  /// routed() with the gate/up GEMM reading each kept row's token from x through the plan's
+  /// row_slot (padding rows read nothing): no [rows, dim] dispatched copy is written or read.
+  template <MoeConfig C, class T>
+  static void routed_from_tokens(const CudaBackend& cuda, const DeviceExpertWeights<C, T>& weights,
+                                 const DeviceRoutingPlan& plan,
+                                 TensorView<const float, 2, DeviceMemory> x,
+                                 TensorView<float, 2, DeviceMemory> hidden,
+                                 TensorView<float, 2, DeviceMemory> out) {
+    grouped(cuda, weights, plan, x.data(), plan.row_slot(), hidden, out);
+  }
+
+  /// Schedule, gate/up with SwiGLU, down, padding rows zeroed. `a` is the dispatched rows
+  /// (a_slot null) or the token rows read through a_slot.
+  template <MoeConfig C, class T>
+  static void grouped(const CudaBackend& cuda, const DeviceExpertWeights<C, T>& weights,
+                      const DeviceRoutingPlan& plan, const float* a, const std::int32_t* a_slot,
+                      TensorView<float, 2, DeviceMemory> hidden,
+                      TensorView<float, 2, DeviceMemory> out) {
     namespace ek = expert_kernels;
     using Traits = ek::GroupedGemmTraits;
     using D = typename DeviceExpertWeights<C, T>::device_type;
@@ -306,14 +334,14 @@ struct ExpertsImpl<CudaBackend> {
     const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
     cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
                  ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
-                 ek::GroupedGemmParams<D>{in.data(), weights.w13(), hidden.data(), plan.offsets(),
-                                          plan.counts(), plan.row_block_starts(), experts, 0, dim,
-                                          inter, 2 * inter});
+                 ek::GroupedGemmParams<D>{a, a_slot, int(plan.k()), weights.w13(), hidden.data(),
+                                          plan.offsets(), plan.counts(), plan.row_block_starts(),
+                                          experts, 0, dim, inter, 2 * inter});
     cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
                  ek::grouped_swiglu_gemm<D, ek::Projection::down>,
-                 ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), plan.offsets(),
-                                          plan.counts(), plan.row_block_starts(), experts, 0, inter,
-                                          dim, dim});
+                 ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(),
+                                          plan.offsets(), plan.counts(), plan.row_block_starts(),
+                                          experts, 0, inter, dim, dim});
     cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows<>,
                  ek::ZeroPaddingParams{plan.row_slot(), hidden.data(), out.data(), inter, dim});
   }
@@ -345,16 +373,46 @@ struct ExpertsImpl<CudaBackend> {
     const auto row_tiles = unsigned((tokens + Traits::block_m - 1) / Traits::block_m);
     const auto unit_tiles = unsigned((width + Traits::block_n / 2 - 1) / (Traits::block_n / 2));
     const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
-    cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
-                 ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
-                 ek::GroupedGemmParams<D>{x.data(), weights.w13(), hidden.data(), nullptr, nullptr,
-                                          nullptr, 1, int(tokens), dim, width, 2 * width});
-    cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
-                 ek::grouped_swiglu_gemm<D, ek::Projection::down>,
-                 ek::GroupedGemmParams<D>{hidden.data(), weights.w2(), out.data(), nullptr, nullptr,
-                                          nullptr, 1, int(tokens), width, dim, dim});
+    cuda::launch(
+        cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
+        ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
+        ek::GroupedGemmParams<D>{x.data(), nullptr, 1, weights.w13(), hidden.data(), nullptr,
+                                 nullptr, nullptr, 1, int(tokens), dim, width, 2 * width});
+    cuda::launch(
+        cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+        ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+        ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(), nullptr,
+                                 nullptr, nullptr, 1, int(tokens), width, dim, dim});
   }
 };
 
 }  // namespace detail
+
+/// routed_experts without the dispatched copy: the gate/up GEMM reads each kept row of the plan
+/// straight from its token's row of x (through the plan's row_slot, as fused MoE kernels read
+/// through their sorted token ids), so dispatch's [rows, dim] write and the GEMM's read of it are
+/// saved. The same tiles, the same roundings and the same order of accumulation as dispatch
+/// followed by routed_experts: the results are bitwise equal.
+///
+/// @param x          [plan.tokens(), dim] the tokens the plan was built for
+/// @param hidden     [plan.rows(), moe_inter_dim] workspace (silu(w1 x) ⊙ w3 x on return)
+/// @param expert_out [plan.rows(), dim] out, padding rows zero
+/// @throws InvalidArgument when the plan is empty, was built for another number of experts, or
+///         the extents disagree with it
+template <MoeConfig C, class T>
+void routed_experts_from_tokens(const CudaBackend& backend,
+                                const DeviceExpertWeights<C, T>& weights,
+                                const DeviceRoutingPlan& plan,
+                                TensorView<const float, 2, DeviceMemory> x,
+                                TensorView<float, 2, DeviceMemory> hidden,
+                                TensorView<float, 2, DeviceMemory> expert_out) {
+  constexpr std::string_view fn = "daedalus::moe::routed_experts_from_tokens";
+  const index_t rows = detail::check_routed_plan<C>(fn, plan);
+  daedalus::detail::check_extents(fn, "x", x, {plan.tokens(), index_t(C::dim)});
+  daedalus::detail::check_extents(fn, "hidden", hidden, {rows, index_t(C::moe_inter_dim)});
+  daedalus::detail::check_extents(fn, "expert_out", expert_out, {rows, index_t(C::dim)});
+  detail::ExpertsImpl<CudaBackend>::routed_from_tokens(backend, weights, plan, x, hidden,
+                                                       expert_out);
+}
+
 }  // namespace daedalus::moe

@@ -27,8 +27,20 @@
 /// DeepSeek-V2 paper section 2.2.1, eq. 21): the host MoeLayer's steps with the device pieces,
 /// every one on the backend's stream: gate (cuBLAS fp32 logits, the fused routing kernel) →
 /// DeviceRoutingPlan → dispatch → routed experts (grouped SwiGLU GEMM, bf16 weights) → shared
-/// experts → combine (accumulating onto the shared output).
+/// experts → combine (accumulating onto the shared output). DeviceExpertPath chooses how the
+/// routed experts get their rows and which GEMM multiplies them.
 namespace daedalus::moe {
+
+/// How MoeLayer<C, CudaBackend> runs its routed experts. Each gives the same expert ids and the
+/// same plan; they differ in the data they move and in the GEMM that multiplies.
+enum class DeviceExpertPath {
+  /// dispatch writes the expert-ordered [rows, dim] copy of the tokens, then the grouped
+  /// tensor-core kernel (routed_experts) reads it. No host round trip.
+  grouped_mma,
+  /// The grouped kernel's first GEMM reads each row's token through the plan
+  /// (routed_experts_from_tokens): no dispatched copy. Bitwise equal to grouped_mma.
+  grouped_mma_permuted_read,
+};
 
 /// MoeLayer for CudaBackend: weights and workspaces in device memory. The gate stays fp32 (as
 /// DeepSeek-V3's Gate, and as the host layer, so that both route alike); the routed and shared
@@ -102,16 +114,24 @@ class MoeLayer<C, CudaBackend> {
     const index_t rows = next_plan_.rows();
     constexpr index_t inter = C::moe_inter_dim;
     constexpr index_t shared_width = SharedExpertWeights<C>::width;
-    expert_in_ = grow(std::move(expert_in_), rows * dim);
     hidden_ = grow(std::move(hidden_), rows * inter);
     expert_out_ = grow(std::move(expert_out_), rows * dim);
     shared_hidden_ = grow(std::move(shared_hidden_), tokens * shared_width);
-    const TensorView<float, 2, DeviceMemory> expert_in(expert_in_.data(), {rows, dim});
+    const TensorView<float, 2, DeviceMemory> hidden(hidden_.data(), {rows, inter});
     const TensorView<float, 2, DeviceMemory> expert_out(expert_out_.data(), {rows, dim});
-    dispatch(backend, next_plan_, x, expert_in);
-    routed_experts(backend, experts_, next_plan_,
-                   TensorView<const float, 2, DeviceMemory>(expert_in),
-                   TensorView<float, 2, DeviceMemory>(hidden_.data(), {rows, inter}), expert_out);
+    switch (expert_path_) {
+      case DeviceExpertPath::grouped_mma: {
+        expert_in_ = grow(std::move(expert_in_), rows * dim);
+        const TensorView<float, 2, DeviceMemory> expert_in(expert_in_.data(), {rows, dim});
+        dispatch(backend, next_plan_, x, expert_in);
+        routed_experts(backend, experts_, next_plan_,
+                       TensorView<const float, 2, DeviceMemory>(expert_in), hidden, expert_out);
+        break;
+      }
+      case DeviceExpertPath::grouped_mma_permuted_read:
+        routed_experts_from_tokens(backend, experts_, next_plan_, x, hidden, expert_out);
+        break;
+    }
     shared_experts(
         backend, shared_, x,
         TensorView<float, 2, DeviceMemory>(shared_hidden_.data(), {tokens, shared_width}), out);
@@ -179,6 +199,17 @@ class MoeLayer<C, CudaBackend> {
   [[nodiscard]] const PlanSettings& plan_settings() const { return plan_settings_; }
   /// Capacity, drop policy and padding of later batches; checked by the next forward.
   void set_plan_settings(const PlanSettings& settings) { plan_settings_ = settings; }
+  [[nodiscard]] DeviceExpertPath expert_path() const { return expert_path_; }
+  /// The routed experts' path of later batches (grouped_mma unless set).
+  /// @throws InvalidArgument for a value that is not one of DeviceExpertPath's.
+  void set_expert_path(DeviceExpertPath path) {
+    daedalus::detail::require<InvalidArgument>(
+        path == DeviceExpertPath::grouped_mma ||
+            path == DeviceExpertPath::grouped_mma_permuted_read,
+        "daedalus::moe::MoeLayer::set_expert_path: 'path' is ", int(path),
+        "; expected a DeviceExpertPath");
+    expert_path_ = path;
+  }
 
   /// Useful FLOPs of one forward over `tokens` tokens, as the host layer's.
   static constexpr double flops(index_t tokens) { return MoeLayer<C, CpuBackend>::flops(tokens); }
@@ -205,6 +236,7 @@ class MoeLayer<C, CudaBackend> {
 
   PlanSettings plan_settings_;
   GateSettings gate_settings_;
+  DeviceExpertPath expert_path_ = DeviceExpertPath::grouped_mma;
   DeviceGateWeights<C> gate_;
   DeviceExpertWeights<C> experts_;
   DeviceSharedExpertWeights<C> shared_;

@@ -254,6 +254,21 @@ def main():
         rows.append(row)
         print(f"| {case} | {tokens} | {row['best_ms']:.3f} | {row['median_ms']:.3f} | "
               f"{row['rate_best']:.3g} {unit} | {row['rate_median']:.3g} {unit} |", flush=True)
+        # Rewritten after every row: a run stopped by a time limit keeps what it measured.
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(dict(torch=torch.__version__, device=where, rows=rows), out, indent=1)
+
+    # The layer first: it is the row a GPU run's time limit must not cut (issue 6's target).
+    layer_tokens = [int(t) for t in args.layer_tokens.split(",") if t]
+    if layer_tokens:
+        weights = layer_weights(generator, device, dtype)
+        for tokens in layer_tokens:
+            step, flops = layer_case(tokens, weights, generator, device, dtype)
+            report(f"MoE layer V2-Lite (expert loop, {args.layer_dtype or dtype})".replace(
+                "torch.", ""), tokens, step, flops, "GFLOP/s",
+                   runs=max(3, args.runs // 4) if tokens >= 512 else None)
+        del weights
 
     for tokens in (int(t) for t in args.gate_tokens.split(",") if t):
         whole, routing, flops = gate_cases(tokens, generator, device)
@@ -267,19 +282,6 @@ def main():
         report("plan + dispatch + combine V3", args.dispatch_tokens, step, moved, "GB/s")
         report("memcpy of T·k·dim fp32", args.dispatch_tokens, memcpy, copied, "GB/s")
         del step, memcpy
-
-    layer_tokens = [int(t) for t in args.layer_tokens.split(",") if t]
-    if layer_tokens:
-        weights = layer_weights(generator, device, dtype)
-        for tokens in layer_tokens:
-            step, flops = layer_case(tokens, weights, generator, device, dtype)
-            report(f"MoE layer V2-Lite (expert loop, {args.layer_dtype or dtype})".replace(
-                "torch.", ""), tokens, step, flops, "GFLOP/s",
-                   runs=max(3, args.runs // 4) if tokens >= 512 else None)
-
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(dict(torch=torch.__version__, device=where, rows=rows), out, indent=1)
     return 0
 
 

@@ -18,12 +18,13 @@
 #   table      bench/gpu/table.py: one table, the targets of issues 5 and 6 evaluated
 #
 # Every step runs under `timeout`, capped by its own limit and by what is left of the whole
-# budget (DAEDALUS_GPU_BUDGET seconds, default 345); a step that fails or runs out of time is
+# budget (DAEDALUS_GPU_BUDGET seconds, default 330, so that a step killed 5 s after its cap still
+# leaves the table time inside 6 minutes); a step that fails or runs out of time is
 # reported and the next ones still run; the table prints whatever exists. Exit status: 0 when
 # every step passed, else 1.
 #
 # Outputs under ${OUT:-build/gpu-check}: check.log (every step's output), steps.tsv, env.txt,
-# bench.json, torch.json, moe_bench.json, moe_torch.json, table.md (eight files).
+# bench.json, torch.json, moe_bench.json, moe_torch.json, memcheck.log, table.md (nine files).
 #
 # Dependencies: a machine without Eigen 3.4, doctest and Google Benchmark uses the prefix that
 # bench/gpu/stage-deps.sh makes (DAEDALUS_GPU_DEPS, default build/gpu-deps) when it exists.
@@ -42,7 +43,7 @@ mkdir -p "${out}"
 out="$(cd "${out}" && pwd)"
 build="${DAEDALUS_GPU_BUILD:-build/gpu}"
 deps="${DAEDALUS_GPU_DEPS:-build/gpu-deps}"
-budget="${DAEDALUS_GPU_BUDGET:-345}"
+budget="${DAEDALUS_GPU_BUDGET:-330}"
 repetitions="${DAEDALUS_BENCH_REPETITIONS:-5}"
 python="${PYTHON:-python3}"
 jobs="${DAEDALUS_GPU_JOBS:-16}"
@@ -54,7 +55,7 @@ steps="${out}/steps.tsv"
 : >"${log}"
 : >"${steps}"
 rm -f "${out}/bench.json" "${out}/torch.json" "${out}/moe_bench.json" "${out}/moe_torch.json" \
-  "${out}/table.md" "${out}/env.txt"
+  "${out}/table.md" "${out}/env.txt" "${out}/memcheck.log"
 scratch="$(mktemp -d)"
 trap 'rm -rf "${scratch}"' EXIT
 
@@ -79,7 +80,9 @@ step() {
   local began=${SECONDS} status=0
   set +e
   # bash -c so that COMMAND may be one of the functions below (exported to the child shell).
-  timeout --kill-after=10 "${cap}" bash -c '"$@"' "${name}" "$@" 2>&1 |
+  # The step's own cap, for a step that stops itself first (memcheck).
+  export DAEDALUS_STEP_CAP=${cap}
+  timeout --kill-after=5 "${cap}" bash -c '"$@"' "${name}" "$@" 2>&1 |
     tee "${scratch}/${name}.log"
   status=${PIPESTATUS[0]}
   set -e
@@ -89,6 +92,7 @@ step() {
     0) outcome=ok ;;
     77) outcome=SKIPPED note="no CUDA device answered (exit 77)" failed=1 ;;
     78) outcome=SKIPPED note="tool not found" ;;
+    79) outcome=PARTIAL note="stopped at its time limit before the end, no error reported" ;;
     124 | 137) outcome="TIMED OUT" note="stopped at ${cap} s" failed=1 ;;
     *) outcome=FAILED note="exit ${status}" failed=1 ;;
   esac
@@ -161,15 +165,29 @@ run_memcheck() {
     echo "check.sh: compute-sanitizer not found; memcheck not run"
     return 78
   fi
-  "${sanitizer}" --tool memcheck --error-exitcode 1 --leak-check no \
-    "${build}/daedalus_cuda_tests"
+  # The error-path test provokes failing API calls on purpose (a 2^62-byte cudaMalloc, a launch
+  # of 2048 threads per block): they are not memory errors, so API errors are not reported. The
+  # full-shape cases (the 400-step balancing simulation, 8K and 4K contexts, 128 heads) would
+  # not finish under instrumentation; every kernel family still runs in the smaller cases.
+  local status limit=$((DAEDALUS_STEP_CAP - 5))
+  timeout "${limit}" "${sanitizer}" --tool memcheck --report-api-errors no --error-exitcode 1 \
+    --leak-check no "${build}/daedalus_cuda_tests" \
+    -tce='*full shape*,*long contexts*,*DeepSeek-V3 (128 heads)*' |
+    tee "${out}/memcheck.log"
+  status=${PIPESTATUS[0]}
+  # Stopped by the time limit: partial, unless an error was reported before that.
+  if ((status == 124)); then
+    if grep -qE '^========= (Invalid|Program hit|Error)' "${out}/memcheck.log"; then return 1; fi
+    return 79
+  fi
+  return "${status}"
 }
 
 export out build deps repetitions python jobs
 export -f environment environment_to_file configure build_targets run_bench run_moe_bench \
   run_memcheck
 
-# The share of the budget (percent) kept back for what follows each step, with the default 345 s:
+# The share of the budget (percent) kept back for what follows each step, with the default 330 s:
 # about 150 s after the build for the tests, the benchmarks and their baselines; the table's few
 # seconds after the rest.
 step env 20 95 environment_to_file

@@ -207,11 +207,11 @@ def main():
         fields = " ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
                           for key, value in row.items())
         print(f"torch_mla_decode {fields}", flush=True)
-
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(dict(torch=torch.__version__, device=torch.cuda.get_device_name(),
-                           rows=rows), out, indent=1)
+        # Rewritten after every row: a run stopped by a time limit keeps what it measured.
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(dict(torch=torch.__version__, device=torch.cuda.get_device_name(),
+                               rows=rows), out, indent=1)
     return 0
 
 

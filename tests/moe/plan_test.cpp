@@ -174,6 +174,16 @@ TEST_CASE("routing plan: capacity drops exactly the documented slots") {
   }
 }
 
+TEST_CASE("routing plan: a capacity past every expert's share is capped at tokens x k") {
+  // 1e300 · T·k/E does not fit an integer; no expert can receive more than T·k slots anyway.
+  const Routing r = random_routing(7350, 61, 3, 12, 3, true);
+  moe::RoutingPlan plan;
+  plan.build(r.id_view(), r.weight_view(), r.experts, {.capacity_factor = 1e300});
+  CHECK(plan.capacity() == 61 * 3);
+  CHECK(plan.dropped() == 0);
+  check_plan(plan, r, std::vector<bool>(r.ids.size(), true), 1);
+}
+
 TEST_CASE("routing plan: a reused plan equals a fresh one; empty batches are allowed") {
   const Routing big = random_routing(7400, 90, 6, 64);
   const Routing small = random_routing(7401, 5, 6, 64);

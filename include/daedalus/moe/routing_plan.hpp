@@ -29,6 +29,19 @@ enum class DropPolicy {
   position,
 };
 
+namespace detail {
+
+/// Slots each expert may keep (Megatron-Core, moe_utils.get_capacity): ceil(slots / E · factor),
+/// or `slots` when dropless (factor 0). Never more than `slots`, which no expert can exceed: the
+/// same plan, and a huge factor cannot overflow the integer.
+inline index_t expert_capacity(index_t slots, int num_experts, double capacity_factor) {
+  if (capacity_factor <= 0.0) return slots;
+  const double capacity = std::ceil(double(slots) / double(num_experts) * capacity_factor);
+  return capacity >= double(slots) ? slots : index_t(capacity);
+}
+
+}  // namespace detail
+
 /// Options of a routing plan. The defaults are DeepSeek's: dropless, unpadded.
 struct PlanSettings {
   /// 0 (the default): dropless, every slot is kept. Positive: each expert keeps at most
@@ -126,11 +139,7 @@ class RoutingPlan {
         sorted_[std::size_t(next[std::size_t(ids[s])]++)] = std::int32_t(s);
     }
 
-    // Capacity (Megatron-Core, moe_utils.get_capacity): ceil(tokens · k / E · factor).
-    capacity_ =
-        settings.capacity_factor > 0.0
-            ? index_t(std::ceil(double(slots) / double(num_experts) * settings.capacity_factor))
-            : slots;
+    capacity_ = detail::expert_capacity(slots, num_experts, settings.capacity_factor);
     counts_.resize(expert_count);
     dropped_ = 0;
     for (std::size_t e = 0; e < expert_count; ++e) {
@@ -180,7 +189,7 @@ class RoutingPlan {
   [[nodiscard]] int num_experts() const noexcept { return num_experts_; }
   /// Rows of the expert-ordered buffer: kept slots plus padding rows.
   [[nodiscard]] index_t rows() const noexcept { return offsets_.empty() ? 0 : offsets_.back(); }
-  /// Slots each expert may keep: tokens · k when dropless.
+  /// Slots each expert may keep: tokens · k when dropless, and at most that.
   [[nodiscard]] index_t capacity() const noexcept { return capacity_; }
   /// Slots dropped for capacity in this batch (0 when dropless).
   [[nodiscard]] index_t dropped() const noexcept { return dropped_; }

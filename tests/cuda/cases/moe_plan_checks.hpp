@@ -116,6 +116,7 @@ inline void check_plan_matches_cpu(const CudaBackend& cuda) {
       {211, 6, 64, 8, true, {1.0, moe::DropPolicy::probs, 1}},
       {211, 6, 64, 8, false, {0.7, moe::DropPolicy::position, 1}},
       {97, 8, 32, 3, true, {1.25, moe::DropPolicy::probs, 8}},
+      {97, 8, 32, 3, false, {1e300, moe::DropPolicy::probs, 8}},  // capacity capped at T·k
   };
   std::uint64_t stream = 7100;
   for (const Case& c : cases) {

@@ -138,6 +138,9 @@ class DeviceLoadStats {
         sum_max_vio_(1),
         steps_(1) {
     reset(backend);
+    // The zeros must be in place before any stream uses the statistics: methods take any
+    // backend, and a non-blocking stream does not wait for this one.
+    backend.synchronize();
   }
 
   [[nodiscard]] int num_experts() const { return experts_; }
@@ -221,6 +224,7 @@ class DeviceBiasBalancer {
                      const BalancerSettings& settings = {})
       : host_rules_(num_experts, settings), rejected_(1) {
     DAEDALUS_CUDA_CHECK(cudaMemsetAsync(rejected_.data(), 0, sizeof(int), backend.stream()));
+    backend.synchronize();  // zeroed before any other stream reads it
   }
 
   [[nodiscard]] int num_experts() const { return host_rules_.num_experts(); }
@@ -474,6 +478,7 @@ class DeviceBalanceLoss {
     DAEDALUS_CUDA_CHECK(cudaMemsetAsync(refusal_.data(), 0, refusal_.bytes(), backend.stream()));
     DAEDALUS_CUDA_CHECK(
         cudaMemsetAsync(refused_score_.data(), 0, refused_score_.bytes(), backend.stream()));
+    backend.synchronize();  // zeroed before any other stream reads them
   }
 
   /// The complementary sequence-wise balance loss (DeepSeek-V3 eqs. 17-20) of one sequence, as

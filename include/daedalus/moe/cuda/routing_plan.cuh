@@ -336,11 +336,8 @@ class DeviceRoutingPlan {
     backend.synchronize();
     if (bad != none) throw_bad_slot(backend, fn, ids, weights, bad, width, num_experts);
 
-    // Capacity (Megatron-Core, moe_utils.get_capacity): ceil(tokens · k / E · factor).
-    const index_t capacity =
-        settings.capacity_factor > 0.0
-            ? index_t(std::ceil(double(slots) / double(num_experts) * settings.capacity_factor))
-            : slots;
+    // At most slots (< 2^31, checked above), so the kernels' int holds it.
+    const index_t capacity = detail::expert_capacity(slots, num_experts, settings.capacity_factor);
     const int chunks = (n + k::kChunk - 1) / k::kChunk;
     const auto experts = std::size_t(num_experts);
     // The build writes into the spare arrays (double buffering): the current plan stays intact
@@ -421,7 +418,7 @@ class DeviceRoutingPlan {
   [[nodiscard]] int num_experts() const noexcept { return num_experts_; }
   /// Rows of the expert-ordered buffer (see the class comment: a bound known on the host).
   [[nodiscard]] index_t rows() const noexcept { return rows_; }
-  /// Slots each expert may keep: tokens · k when dropless.
+  /// Slots each expert may keep: tokens · k when dropless, and at most that.
   [[nodiscard]] index_t capacity() const noexcept { return capacity_; }
   [[nodiscard]] const PlanSettings& settings() const noexcept { return settings_; }
 

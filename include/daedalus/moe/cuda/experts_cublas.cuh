@@ -140,6 +140,9 @@ struct SegmentParams {
 
 /// cuBLAS's per-expert matrix pointers, from the plan's device offsets (so they never wait for
 /// the host copy), and the segment starts and kept rows packed for one device-to-host copy.
+/// Each A or B pointer is its buffer's start (cudaMalloc: 256-byte aligned) plus a multiple of
+/// that product's k elements, so it has the alignment cuBLAS wants for k (16 bytes when
+/// 2·k is a multiple of 16, 4 when of 4).
 template <class D>
 __global__ void expert_segments(SegmentParams<D> p) {
   const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);

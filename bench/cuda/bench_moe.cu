@@ -19,6 +19,12 @@
 //   step = what the two passes must move at least: dispatch reads T·dim and writes T·k·dim floats,
 //   combine the reverse, so 2·(k + 1)·T·dim·4 bytes (the CPU benchmark's count); V3 at 4096
 //   tokens × 7168 (issue 6's target: at least 60% of the copy bandwidth).
+// - BM_routed_experts_mma<C>/tokens:T and BM_routed_experts_cublas<C>/tokens:T: the routed
+//   experts alone over a plan built once from random routing (uniform logits through the
+//   config's gate), bf16 weights drawn on the device: moe::routed_experts (the grouped mma
+//   kernel) and moe::routed_experts_cublas (cublasGemmGroupedBatchedEx, its host copy of the
+//   segment sizes included). FLOP/s = 2·3·dim·inter per kept row (the three projections);
+//   DeepSeek-V2-Lite and DeepSeek-V3 at 4096 tokens.
 // - BM_moe_layer<C>/tokens:T: MoeLayer<C, CudaBackend>::forward with random weights (bf16 experts),
 //   DeepSeek-V2-Lite (64 experts of width 1408, top-6, 2 shared) at 1, 64, 512 and 4096 tokens;
 //   FLOP/s of useful work (MoeLayer::flops), tokens/s. The PyTorch expert loop on the same shapes
@@ -40,6 +46,7 @@
 #include <daedalus/cuda.cuh>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_support.cuh"
@@ -200,6 +207,78 @@ void BM_dispatch_combine(benchmark::State& state) {
   }
 }
 
+enum class ExpertPath { mma, cublas };
+
+/// Bf16 routed experts of config C drawn on the device (uniform in ±1/sqrt(in), nn.Linear's
+/// range): the host never holds V3's 45 GB of fp32 experts.
+template <class C>
+moe::DeviceExpertWeights<C> device_random_experts(const CudaBackend& backend) {
+  using D = typename moe::DeviceExpertWeights<C>::device_type;
+  const std::size_t per = std::size_t(C::moe_inter_dim) * std::size_t(C::dim);
+  dcuda::DeviceBuffer<D> w13(std::size_t(C::n_routed_experts) * 2 * per),
+      w2(std::size_t(C::n_routed_experts) * per);
+  fill_random(backend, w13.data(), w13.size(), 0x5eed0501, 1.0f / std::sqrt(float(C::dim)));
+  fill_random(backend, w2.data(), w2.size(), 0x5eed0502, 1.0f / std::sqrt(float(C::moe_inter_dim)));
+  return moe::DeviceExpertWeights<C>(std::move(w13), std::move(w2));
+}
+
+template <class C>
+void BM_routed_experts(benchmark::State& state, ExpertPath path) {
+  try {
+    BenchDevice& dev = bench_device();
+    const index_t tokens = state.range(0);
+    constexpr index_t dim = C::dim, inter = C::moe_inter_dim;
+    static moe::DeviceExpertWeights<C> weights = device_random_experts<C>(dev.backend);
+    const GateData<C> gate = GateData<C>::routed(dev.backend, tokens);
+    moe::DeviceRoutingPlan plan;
+    plan.build(dev.backend, gate.ids(), gate.weights(), C::n_routed_experts);
+    const index_t rows = plan.rows();
+    dcuda::DeviceBuffer<float> in(std::size_t(rows * dim)), hidden(std::size_t(rows * inter)),
+        out(std::size_t(rows * dim));
+    moe::dispatch(dev.backend, plan, DeviceView<const float, 2>(gate.x.data(), {tokens, dim}),
+                  DeviceView<float, 2>(in.data(), {rows, dim}));
+    DAEDALUS_CUDA_CHECK(cudaMemsetAsync(out.data(), 0xff, out.bytes(), dev.stream.get()));
+    moe::CublasExpertWorkspace workspace;
+    const DeviceView<const float, 2> in_view(in.data(), {rows, dim});
+    const DeviceView<float, 2> out_view(out.data(), {rows, dim});
+    const auto step = [&] {
+      if (path == ExpertPath::mma) {
+        moe::routed_experts(dev.backend, weights, plan, in_view,
+                            DeviceView<float, 2>(hidden.data(), {rows, inter}), out_view);
+      } else {
+        moe::routed_experts_cublas(dev.backend, weights, plan, in_view, workspace, out_view);
+      }
+    };
+    step();
+    if (!outputs_finite(state, dev.backend, out, "expert output")) return;
+    const double seconds = daedalus::bench::time_flushed_calls(state, dev, step);
+    const double calls = double(state.iterations());
+    // Dropless plan: every slot is a kept row.
+    const double flops =
+        2.0 * 3.0 * double(dim) * double(inter) * double(tokens) * double(C::n_activated_experts);
+    state.counters["FLOP/s"] = seconds > 0 ? flops * calls / seconds : 0.0;
+    state.counters["gemm_fraction"] = seconds > 0 && dev.gemm_flops_per_second > 0
+                                          ? flops * calls / seconds / dev.gemm_flops_per_second
+                                          : 0.0;
+    state.counters["tokens"] = double(tokens);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+template <class C>
+void register_experts(const std::string& config, const std::vector<std::int64_t>& token_counts) {
+  for (const auto& [name, path] : {std::pair{"BM_routed_experts_mma", ExpertPath::mma},
+                                   std::pair{"BM_routed_experts_cublas", ExpertPath::cublas}}) {
+    for (const std::int64_t tokens : token_counts) {
+      daedalus::bench::register_timed(std::string(name) + "<" + config + ">", &BM_routed_experts<C>,
+                                      path)
+          ->Arg(tokens)
+          ->ArgName("tokens");
+    }
+  }
+}
+
 template <class C>
 void register_gate(const std::string& config, const std::vector<std::int64_t>& token_counts) {
   for (const auto& [name, part] :
@@ -280,15 +359,22 @@ void register_benchmarks() {
   register_movement<Tiny>("Tiny", 300);
   register_gate<DeepSeekV3>("DeepSeekV3", {1, 64, 4096, 65536});
   register_movement<DeepSeekV3>("DeepSeekV3", 4096);
+  register_experts<Tiny>("Tiny", {300});
+  register_experts<DeepSeekV2Lite>("DeepSeekV2Lite", {4096});
+  register_experts<DeepSeekV3>("DeepSeekV3", {4096});
   using Path = moe::DeviceExpertPath;
   register_layer<Tiny, Path::grouped_mma>("BM_moe_layer", "Tiny", {5, 300});
   register_layer<Tiny, Path::grouped_mma_permuted_read>("BM_moe_layer_permuted_read", "Tiny",
                                                         {300});
+  register_layer<Tiny, Path::cublas_grouped>("BM_moe_layer_cublas", "Tiny", {300});
   register_layer<DeepSeekV2Lite, Path::grouped_mma>("BM_moe_layer", "DeepSeekV2Lite",
                                                     {1, 64, 512, 4096});
-  // Whether reading the tokens through the plan beats materialising the dispatched copy.
+  // Whether reading the tokens through the plan beats materialising the dispatched copy, and
+  // whether cuBLAS beats the grouped mma kernel.
   register_layer<DeepSeekV2Lite, Path::grouped_mma_permuted_read>("BM_moe_layer_permuted_read",
                                                                   "DeepSeekV2Lite", {512, 4096});
+  register_layer<DeepSeekV2Lite, Path::cublas_grouped>("BM_moe_layer_cublas", "DeepSeekV2Lite",
+                                                       {1, 64, 512, 4096});
 }
 
 }  // namespace

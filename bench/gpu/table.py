@@ -15,7 +15,8 @@ GB/s, TFLOP/s, % of the measured copy bandwidth, % of the measured bf16 GEMM rat
 speed-up), then the targets over the large-batch rows (batch >= 64, Tiny rows excluded):
   16 heads:  >= 70% of the measured copy bandwidth
   128 heads: >= 30% of the measured bf16 GEMM rate and >= 3x the PyTorch baseline
-then the MoE rows (gate, plan, dispatch + combine, V2-Lite layer, each against PyTorch) and
+then the MoE rows (gate, plan, dispatch + combine, the routed experts on the mma kernel and on
+cuBLAS's grouped GEMM, V2-Lite layer, each against PyTorch where it has a baseline) and
 issue 6's targets:
   dispatch + combine at 4096 tokens x 7168: >= 60% of the measured copy bandwidth
   gate at 4096 tokens: the fused routing under 10% of the logits GEMM's time
@@ -223,6 +224,7 @@ def evaluate_targets(rows):
 LAYER_PATHS = {
     "BM_moe_layer": "grouped_mma",
     "BM_moe_layer_permuted_read": "grouped_mma_permuted_read",
+    "BM_moe_layer_cublas": "cublas_grouped",
 }
 
 
@@ -301,6 +303,16 @@ def moe_section(bench, torch_data, problems):
             both = ours + plan if plan else None
             print(f"| plan + dispatch + combine V3 | {tokens} | {fmt(both, '.1f')} | – | – | "
                   f"{fmt(theirs, '.1f')} | {fmt(speedup(both, theirs), '.2f')} |")
+    for (kind, config, tokens), entry in sorted(rows.items()):
+        if kind == "BM_routed_experts_mma" and config in ("DeepSeekV2Lite", "DeepSeekV3"):
+            short = "V2-Lite" if config == "DeepSeekV2Lite" else "V3"
+            for path, name in (("mma", "BM_routed_experts_mma"),
+                               ("cuBLAS grouped", "BM_routed_experts_cublas")):
+                row = rows.get((name, config, tokens))
+                if not row:
+                    continue
+                print(f"| routed experts {short} ({path}) | {tokens} | {time_us(row):.1f} | "
+                      f"{row.get('FLOP/s', 0) * 1e-12:.1f} TFLOP/s | – | – | – |")
     for (kind, config, tokens), entry in sorted(rows.items()):
         if kind in LAYER_PATHS and config == "DeepSeekV2Lite":
             ours = time_us(entry)

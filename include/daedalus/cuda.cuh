@@ -37,6 +37,7 @@
 #include "daedalus/moe/cuda/balance.cuh"
 #include "daedalus/moe/cuda/dispatch.cuh"
 #include "daedalus/moe/cuda/experts.cuh"
+#include "daedalus/moe/cuda/experts_cublas.cuh"
 #include "daedalus/moe/cuda/gate.cuh"
 #include "daedalus/moe/cuda/layer.cuh"
 #include "daedalus/moe/cuda/routing_plan.cuh"

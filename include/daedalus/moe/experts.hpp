@@ -55,6 +55,29 @@ inline std::vector<float> random_linear(std::mt19937_64& rng, std::size_t n, std
   return v;
 }
 
+/// The checks every routed-experts entry point makes of its plan, with `fn` (the caller's name)
+/// in the messages: the plan is built, for C's number of experts. Returns plan.rows().
+/// @throws InvalidArgument otherwise
+template <MoeConfig C, class Plan>
+index_t check_routed_plan(std::string_view fn, const Plan& plan) {
+  daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
+                                             ": 'plan' is empty; expected a built RoutingPlan");
+  daedalus::detail::require<InvalidArgument>(
+      plan.num_experts() == C::n_routed_experts, fn, ": 'plan' was built for ", plan.num_experts(),
+      " experts; expected ", C::n_routed_experts, " for ", config_name<C>());
+  return plan.rows();
+}
+
+/// check_routed_plan, and `expert_in` is [plan.rows(), dim]. Returns plan.rows().
+/// @throws InvalidArgument otherwise
+template <MoeConfig C, class Plan, class Space>
+index_t check_routed_plan_and_input(std::string_view fn, const Plan& plan,
+                                    TensorView<const float, 2, Space> expert_in) {
+  const index_t rows = check_routed_plan<C>(fn, plan);
+  daedalus::detail::check_extents(fn, "expert_in", expert_in, {rows, index_t(C::dim)});
+  return rows;
+}
+
 }  // namespace detail
 
 /// The SwiGLU weights of one MLP of `width` hidden units over `dim` inputs, the layout all
@@ -198,21 +221,6 @@ class SharedExpertWeights {
   std::vector<float> w2_;   // [dim, width]
 };
 
-namespace detail {
-
-/// The routed experts' checks of `plan` (built, for C's experts); its rows() when it passes.
-template <MoeConfig C, class Plan>
-index_t check_routed_plan(std::string_view fn, const Plan& plan) {
-  daedalus::detail::require<InvalidArgument>(plan.k() >= 1, fn,
-                                             ": 'plan' is empty; expected a built RoutingPlan");
-  daedalus::detail::require<InvalidArgument>(
-      plan.num_experts() == C::n_routed_experts, fn, ": 'plan' was built for ", plan.num_experts(),
-      " experts; expected ", C::n_routed_experts, " for ", config_name<C>());
-  return plan.rows();
-}
-
-}  // namespace detail
-
 /// Runs every routed expert over its segment of the plan: for each expert e and each kept row r
 /// of segment e, expert_out[r] = w2_e(silu(w1_e expert_in[r]) ⊙ w3_e expert_in[r]); padding rows
 /// of `hidden` and `expert_out` are set to zero (what the expert gives for dispatch's zero rows). A
@@ -240,8 +248,7 @@ void routed_experts(const Backend& backend, const Weights& weights, const Plan& 
                 "reads (ExpertWeights and RoutingPlan with CpuBackend, DeviceExpertWeights and "
                 "DeviceRoutingPlan with CudaBackend)");
   constexpr std::string_view fn = "daedalus::moe::routed_experts";
-  const index_t rows = detail::check_routed_plan<C>(fn, plan);
-  daedalus::detail::check_extents(fn, "expert_in", expert_in, {rows, index_t(C::dim)});
+  const index_t rows = detail::check_routed_plan_and_input<C>(fn, plan, expert_in);
   daedalus::detail::check_extents(fn, "hidden", hidden, {rows, index_t(C::moe_inter_dim)});
   daedalus::detail::check_extents(fn, "expert_out", expert_out, {rows, index_t(C::dim)});
   detail::ExpertsImpl<Backend>::routed(backend, weights, plan, expert_in, hidden, expert_out);

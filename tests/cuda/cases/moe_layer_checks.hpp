@@ -18,8 +18,10 @@
 #include <cmath>
 #include <cstdint>
 #include <daedalus/cuda.cuh>
+#include <daedalus/moe/cuda/experts_cublas.cuh>
 #include <daedalus/moe/cuda/layer.cuh>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -378,15 +380,30 @@ void check_shared_experts(const CudaBackend& cuda, index_t tokens, std::uint64_t
                       TensorView<float, 2, DeviceMemory>(hidden_d.data(), {tokens, width}),
                       mview(out_d, tokens, dim));
   const auto out = cuda::to_host(cuda, out_d);
-  std::size_t bad = 0;
+  // Through cuBLAS: the same roundings (x and the hidden activations to bf16, fp32 sums in
+  // another order), so the same bound; `out` garbage again first.
+  moe::CublasSharedExpertWorkspace workspace;
+  cuda::copy(cuda, out_d, std::span<const float>(rng.uniform(std::size_t(tokens * dim), 100.0)));
+  moe::shared_experts_cublas(cuda, device_weights, cview(x_d, tokens, dim), workspace,
+                             mview(out_d, tokens, dim));
+  const auto via_cublas = cuda::to_host(cuda, out_d);
+  std::size_t bad = 0, cublas_bad = 0;
   for (index_t t = 0; t < tokens; ++t) {
     const BoundedRow r = shared_row(weights, x.data() + t * dim, true);
     for (index_t n = 0; n < dim; ++n) {
-      bad += !(std::fabs(double(out[std::size_t(t * dim + n)]) - r.value[std::size_t(n)]) <=
-               r.bound[std::size_t(n)]);
+      const std::size_t i = std::size_t(t * dim + n);
+      bad += !(std::fabs(double(out[i]) - r.value[std::size_t(n)]) <= r.bound[std::size_t(n)]);
+      cublas_bad +=
+          !(std::fabs(double(via_cublas[i]) - r.value[std::size_t(n)]) <= r.bound[std::size_t(n)]);
     }
   }
   CHECK(bad == 0);
+  CHECK(cublas_bad == 0);
+  CHECK(contains(message_of<InvalidArgument>([&] {
+                   moe::shared_experts_cublas(cuda, device_weights, cview(x_d, tokens, dim),
+                                              workspace, mview(out_d, tokens + 1, dim));
+                 }),
+                 "daedalus::moe::shared_experts_cublas: 'out' has extents"));
   // Wrong extents: the front's InvalidArgument.
   CHECK(contains(message_of<InvalidArgument>([&] {
                    moe::shared_experts(
@@ -525,6 +542,26 @@ void check_layer(const CudaBackend& cuda, index_t tokens, std::uint64_t seed,
   cuda::DeviceBuffer<float> permuted_d(x.size());
   layer.forward(cuda, cview(x_d, tokens, dim), mview(permuted_d, tokens, dim));
   CHECK(cuda::to_host(cuda, permuted_d) == out);
+
+  // cuBLAS for the routed and the shared experts: the same routing; the routed outputs carry
+  // three more bf16 roundings (g, u and the expert output, u = 2^-8 each), the shared ones none,
+  // so the output is normwise within 2^-5 of the mma path's (as the host comparison above), and
+  // repeatable bit for bit.
+  layer.set_expert_path(moe::DeviceExpertPath::cublas_grouped);
+  cuda::DeviceBuffer<float> cublas_d(x.size());
+  layer.forward(cuda, cview(x_d, tokens, dim), mview(cublas_d, tokens, dim));
+  const auto via_cublas = cuda::to_host(cuda, cublas_d);
+  CHECK(download(cuda, layer.topk_ids()) == ids);
+  double cublas_diff2 = 0, out2 = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double d = double(via_cublas[i]) - double(out[i]);
+    cublas_diff2 += d * d;
+    out2 += double(out[i]) * double(out[i]);
+  }
+  CHECK(out2 > 0);
+  CHECK(std::sqrt(cublas_diff2) <= 0x1p-5 * std::sqrt(out2));
+  layer.forward(cuda, cview(x_d, tokens, dim), mview(cublas_d, tokens, dim));
+  CHECK(cuda::to_host(cuda, cublas_d) == via_cublas);
 }
 
 /// forward_and_balance over three steps: the device bias after each step is, bit for bit, the

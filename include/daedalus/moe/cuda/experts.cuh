@@ -7,6 +7,7 @@
 #include <limits>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
@@ -84,11 +85,29 @@ class DeviceExpertWeights {
     }
   }
 
+  /// Takes device arrays already in this layout and type: w13 [E, 2 · inter, dim] (w1's rows then
+  /// w3's per expert) and w2 [E, dim, inter], e.g. a checkpoint read straight into device memory
+  /// or values drawn on the device (a DeepSeek-V3 layer's experts are 45 GB in fp32 on the host).
+  /// @throws InvalidArgument when a size differs from the config's (nothing is taken).
+  DeviceExpertWeights(cuda::DeviceBuffer<device_type>&& w13, cuda::DeviceBuffer<device_type>&& w2)
+      // Both sizes are checked before either buffer is moved from.
+      : w13_((check_size(w13, "w13", 2), check_size(w2, "w2", 1), std::move(w13))),
+        w2_(std::move(w2)) {}
+
   /// [E, 2 · inter, dim] and [E, dim, inter], device.
   [[nodiscard]] const device_type* w13() const { return w13_.data(); }
   [[nodiscard]] const device_type* w2() const { return w2_.data(); }
 
  private:
+  static void check_size(const cuda::DeviceBuffer<device_type>& buffer, const char* name,
+                         std::size_t matrices) {
+    const std::size_t expected =
+        std::size_t(num_experts) * matrices * std::size_t(inter) * std::size_t(dim);
+    daedalus::detail::require<InvalidArgument>(
+        buffer.size() == expected, "daedalus::moe::DeviceExpertWeights: '", name, "' has ",
+        buffer.size(), " values; expected ", expected, " for ", config_name<C>());
+  }
+
   cuda::DeviceBuffer<device_type> w13_, w2_;
 };
 

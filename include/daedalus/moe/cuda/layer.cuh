@@ -16,6 +16,7 @@
 #include "daedalus/moe/cuda/balance.cuh"
 #include "daedalus/moe/cuda/dispatch.cuh"
 #include "daedalus/moe/cuda/experts.cuh"
+#include "daedalus/moe/cuda/experts_cublas.cuh"
 #include "daedalus/moe/cuda/gate.cuh"
 #include "daedalus/moe/cuda/routing_plan.cuh"
 #include "daedalus/moe/experts.hpp"
@@ -40,6 +41,10 @@ enum class DeviceExpertPath {
   /// The grouped kernel's first GEMM reads each row's token through the plan
   /// (routed_experts_from_tokens): no dispatched copy. Bitwise equal to grouped_mma.
   grouped_mma_permuted_read,
+  /// dispatch, then cuBLAS: the routed experts through routed_experts_cublas (grouped batched
+  /// GEMM, 16-bit products; one host round trip for the per-expert sizes) and the shared experts
+  /// through shared_experts_cublas. Within the bf16 tolerance of grouped_mma, not bitwise.
+  cublas_grouped,
 };
 
 /// MoeLayer for CudaBackend: weights and workspaces in device memory. The gate stays fp32 (as
@@ -50,7 +55,8 @@ enum class DeviceExpertPath {
 ///
 /// Host round trips per forward: the logits' finiteness check (16 bytes) and the plan's input
 /// check (4 bytes), each with a stream synchronisation, so that bad input throws before anything
-/// changes; forward_and_balance adds the balancer's bias check (4 bytes).
+/// changes; forward_and_balance adds the balancer's bias check (4 bytes); the cublas_grouped
+/// path adds the per-expert sizes cuBLAS reads from the host (4 · (2E + 1) bytes).
 ///
 /// @tparam C an MoeConfig (presets: DeepSeekV2Lite, DeepSeekV2, DeepSeekV3, Tiny)
 template <MoeConfig C>
@@ -131,10 +137,23 @@ class MoeLayer<C, CudaBackend> {
       case DeviceExpertPath::grouped_mma_permuted_read:
         routed_experts_from_tokens(backend, experts_, next_plan_, x, hidden, expert_out);
         break;
+      case DeviceExpertPath::cublas_grouped: {
+        expert_in_ = grow(std::move(expert_in_), rows * dim);
+        const TensorView<float, 2, DeviceMemory> expert_in(expert_in_.data(), {rows, dim});
+        dispatch(backend, next_plan_, x, expert_in);
+        routed_experts_cublas(backend, experts_, next_plan_,
+                              TensorView<const float, 2, DeviceMemory>(expert_in), cublas_routed_,
+                              expert_out);
+        break;
+      }
     }
-    shared_experts(
-        backend, shared_, x,
-        TensorView<float, 2, DeviceMemory>(shared_hidden_.data(), {tokens, shared_width}), out);
+    if (expert_path_ == DeviceExpertPath::cublas_grouped) {
+      shared_experts_cublas(backend, shared_, x, cublas_shared_, out);
+    } else {
+      shared_experts(
+          backend, shared_, x,
+          TensorView<float, 2, DeviceMemory>(shared_hidden_.data(), {tokens, shared_width}), out);
+    }
     combine(backend, next_plan_, TensorView<const float, 2, DeviceMemory>(expert_out), out,
             CombineInto::accumulate);
 
@@ -205,7 +224,8 @@ class MoeLayer<C, CudaBackend> {
   void set_expert_path(DeviceExpertPath path) {
     daedalus::detail::require<InvalidArgument>(
         path == DeviceExpertPath::grouped_mma ||
-            path == DeviceExpertPath::grouped_mma_permuted_read,
+            path == DeviceExpertPath::grouped_mma_permuted_read ||
+            path == DeviceExpertPath::cublas_grouped,
         "daedalus::moe::MoeLayer::set_expert_path: 'path' is ", int(path),
         "; expected a DeviceExpertPath");
     expert_path_ = path;
@@ -246,6 +266,8 @@ class MoeLayer<C, CudaBackend> {
   cuda::DeviceBuffer<float> weights_, next_weights_, logits_, next_logits_;
   DeviceRoutingPlan plan_, next_plan_;
   cuda::DeviceBuffer<float> expert_in_, hidden_, expert_out_, shared_hidden_;
+  CublasExpertWorkspace cublas_routed_;  // DeviceExpertPath::cublas_grouped only
+  CublasSharedExpertWorkspace cublas_shared_;
 };
 
 }  // namespace daedalus::moe

@@ -32,6 +32,9 @@
 // - BM_moe_layer_permuted_read<C>/tokens:T: the same layer with DeviceExpertPath::
 //   grouped_mma_permuted_read (the first expert GEMM reads the tokens through the plan; no
 //   dispatched copy) at 512 and 4096 tokens: whether skipping the copy pays.
+// - BM_moe_layer_cublas<C>/tokens:T: the same layer with DeviceExpertPath::cublas_grouped (routed
+//   experts through cublasGemmGroupedBatchedEx, shared experts through cublasGemmEx) at 1, 64,
+//   512 and 4096 tokens: whether cuBLAS beats the grouped mma kernel, and from which batch on.
 //
 // Every iteration flushes L2 first (outside the timed region) and times one call between two
 // CUDA events, after two untimed calls; the first also checks that the row's outputs are finite.

@@ -102,7 +102,9 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
     CHECK(cuda::to_host(cuda, out2_d) == out);
   }
 
-  const double gamma_dim = 1.01 * dim * 0x1p-24, gamma_inter = 1.01 * inter * 0x1p-24;
+  // 2·γ_n: the tensor cores may truncate rather than round their fp32 sums (Fasi et al., 2021;
+  // kernel_checks.hpp), which doubles the unit roundoff of the accumulation.
+  const double gamma_dim = 2.02 * dim * 0x1p-24, gamma_inter = 2.02 * inter * 0x1p-24;
   std::size_t hidden_bad = 0, out_bad = 0, padding_bad = 0, checked = 0;
   std::vector<double> h(inter), h_bound(inter);
   for (index_t r = 0; r < rows; ++r) {
@@ -413,8 +415,9 @@ void check_routed_experts_cublas(const CudaBackend& cuda, const CublasCase& tc) 
   CHECK(std::memcmp(out.data(), again.data(), out.size() * sizeof(float)) == 0);
   const auto host_plan = plan.download(cuda);
 
-  const double gamma_dim = 1.01 * dim * tolerance::fp32_u;
-  const double gamma_inter = 1.01 * inter * tolerance::fp32_u;
+  // 2·γ_n: cuBLAS's tensor-core sums may truncate, as the mma kernel's (check_routed_experts).
+  const double gamma_dim = 2.02 * dim * tolerance::fp32_u;
+  const double gamma_inter = 2.02 * inter * tolerance::fp32_u;
   std::size_t out_bad = 0, padding_bad = 0, checked = 0;
   std::vector<double> h(inter), h_bound(inter);
   for (index_t r = 0; r < rows; ++r) {

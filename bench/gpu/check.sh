@@ -141,8 +141,21 @@ build_targets() {
   # Keep going past a failed target, so that the other one is still built.
   local -a keep_going=(-k)
   [[ -f "${build}/build.ninja" ]] && keep_going=(-k 0)
+  local status=0
   cmake --build "${build}" -j "${jobs}" --target daedalus_cuda_tests bench_cuda_mla_decode \
-    bench_cuda_moe -- "${keep_going[@]}"
+    bench_cuda_moe -- "${keep_going[@]}" || status=$?
+  # Libraries staged from another distribution (stage-deps.sh) may not load here: say which
+  # binary misses what now, rather than as a bare loader error in a later step.
+  local binary
+  for binary in daedalus_cuda_tests bench_cuda_mla_decode bench_cuda_moe; do
+    [[ -x "${build}/${binary}" ]] || continue
+    if ldd "${build}/${binary}" | grep -q 'not found'; then
+      echo "check.sh: ${binary} cannot load:"
+      ldd "${build}/${binary}" | grep 'not found'
+      status=1
+    fi
+  done
+  return "${status}"
 }
 
 run_bench() {

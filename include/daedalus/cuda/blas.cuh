@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
@@ -51,36 +53,45 @@ inline void check_cublas(cublasStatus_t status, const char* call, const char* fi
 
 namespace detail {
 
-/// The calling thread's handle: cuBLAS handles are not meant to be shared by host threads that
-/// issue work concurrently (cuBLAS documentation, "Thread Safety"), and creating one costs a
-/// device allocation, so each thread creates its own on first use and keeps it until it ends.
-class ThreadBlasHandle {
+/// The calling thread's handles, one per device: cuBLAS handles are not meant to be shared by
+/// host threads that issue work concurrently (cuBLAS documentation, "Thread Safety"), a handle
+/// belongs to the device that was current when it was created (its workspace lives there), and
+/// creating one costs a device allocation. So each thread creates one per device on first use
+/// there and keeps it until it ends.
+class ThreadBlasHandles {
  public:
-  ThreadBlasHandle() = default;
-  ~ThreadBlasHandle() {
+  ThreadBlasHandles() = default;
+  ~ThreadBlasHandles() {
     // A destructor cannot throw; at thread or process exit there is nothing left to recover.
-    if (handle_ != nullptr) static_cast<void>(cublasDestroy(handle_));
+    for (const auto& [device, handle] : handles_) static_cast<void>(cublasDestroy(handle));
   }
-  ThreadBlasHandle(const ThreadBlasHandle&) = delete;
-  ThreadBlasHandle& operator=(const ThreadBlasHandle&) = delete;
+  ThreadBlasHandles(const ThreadBlasHandles&) = delete;
+  ThreadBlasHandles& operator=(const ThreadBlasHandles&) = delete;
 
+  /// The handle of the current device.
   cublasHandle_t get() {
-    if (handle_ == nullptr) DAEDALUS_CUBLAS_CHECK(cublasCreate(&handle_));
-    return handle_;
+    int device = 0;
+    DAEDALUS_CUDA_CHECK(cudaGetDevice(&device));
+    for (const auto& [owner, handle] : handles_)
+      if (owner == device) return handle;
+    cublasHandle_t handle = nullptr;
+    DAEDALUS_CUBLAS_CHECK(cublasCreate(&handle));
+    handles_.emplace_back(device, handle);
+    return handle;
   }
 
  private:
-  cublasHandle_t handle_ = nullptr;
+  std::vector<std::pair<int, cublasHandle_t>> handles_;
 };
 
 }  // namespace detail
 
-/// The calling thread's cuBLAS handle, bound to the backend's stream (cublasSetStream on every
-/// call: the same thread may use several streams).
+/// The calling thread's cuBLAS handle for the current device, bound to the backend's stream
+/// (cublasSetStream on every call: the same thread may use several streams).
 /// @throws CublasError when the handle cannot be created or bound.
 inline cublasHandle_t blas_handle(const CudaBackend& backend) {
-  static thread_local detail::ThreadBlasHandle handle;
-  cublasHandle_t h = handle.get();
+  static thread_local detail::ThreadBlasHandles handles;
+  cublasHandle_t h = handles.get();
   DAEDALUS_CUBLAS_CHECK(cublasSetStream(h, backend.stream()));
   return h;
 }

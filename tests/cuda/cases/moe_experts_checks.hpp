@@ -49,6 +49,24 @@ struct OddExperts : Tiny {
 
 inline double bf16(double x) { return double(float(bfloat16(float(x)))); }
 
+/// Unit j's gate and up products of token row x in fp64 from the inputs as `round` stores them,
+/// and their magnitudes Σ|x·w| (what the fp32 sums' γ bounds scale).
+struct GateUpFp64 {
+  double g, u, g_mag, u_mag;
+};
+template <class W, class Round>
+GateUpFp64 gate_up_fp64(const float* x, const W& w1, const W& w3, int j, int dim, Round round) {
+  GateUpFp64 r{0, 0, 0, 0};
+  for (int c = 0; c < dim; ++c) {
+    const double xv = round(x[c]);
+    r.g += xv * round(w1(j, c));
+    r.u += xv * round(w3(j, c));
+    r.g_mag += std::fabs(xv * round(w1(j, c)));
+    r.u_mag += std::fabs(xv * round(w3(j, c)));
+  }
+  return r;
+}
+
 /// The routed experts over a plan with padding (pad_block 8; dropless unless `settings` set a
 /// capacity) on random tokens, half of whose picks favour experts 0 and 1; and the permuted read
 /// (routed_experts_from_tokens) against them bit for bit.
@@ -119,14 +137,7 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
     const float* xr = x.data() + std::size_t(slot / k) * dim;
     const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
     for (int j = 0; j < inter; ++j) {
-      double g = 0, u = 0, g_mag = 0, u_mag = 0;
-      for (int c = 0; c < dim; ++c) {
-        const double xv = bf16(xr[c]);
-        g += xv * bf16(w1(j, c));
-        u += xv * bf16(w3(j, c));
-        g_mag += std::fabs(xv * bf16(w1(j, c)));
-        u_mag += std::fabs(xv * bf16(w3(j, c)));
-      }
+      const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, bf16);
       const double silu = g / (1.0 + std::exp(-g));
       h[std::size_t(j)] = silu * u;
       // d silu / dg is at most 1.1; the device's exp adds a relative 2^-20 at most.
@@ -431,14 +442,7 @@ void check_routed_experts_cublas(const CudaBackend& cuda, const CublasCase& tc) 
     const float* xr = x.data() + std::size_t(slot / k) * dim;
     const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
     for (int j = 0; j < inter; ++j) {
-      double g = 0, u = 0, g_mag = 0, u_mag = 0;
-      for (int c = 0; c < dim; ++c) {
-        const double xv = R::round(xr[c]);
-        g += xv * R::round(w1(j, c));
-        u += xv * R::round(w3(j, c));
-        g_mag += std::fabs(xv * R::round(w1(j, c)));
-        u_mag += std::fabs(xv * R::round(w3(j, c)));
-      }
+      const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, &R::round);
       // The fp32 sums (γ bounds as in check_routed_experts), then what this path adds: g and u
       // stored as T (relative u_T each, R::after).
       const double g_err = R::after(g, gamma_dim * g_mag);

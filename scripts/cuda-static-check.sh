@@ -6,7 +6,8 @@
 #   - the SASS (`cuobjdump -sass`) of any kernel whose name matches TENSOR_CORE_KERNELS contains
 #     no tensor-core instruction (HMMA).
 # Usage: scripts/cuda-static-check.sh [output-dir]      (default build/cuda-static-check)
-# Environment: NVCC, CUOBJDUMP (default: from PATH, else next to nvcc, else installed; see below).
+# Environment: NVCC, CUOBJDUMP (default: from PATH, else next to nvcc, else installed; see below),
+# EIGEN_INCLUDE_DIRS (':'-separated, default /usr/include/eigen3).
 # Exit: 0 pass, 1 a kernel fails, 2 no nvcc, 77 local memory checked but no cuobjdump for SASS.
 set -euo pipefail
 
@@ -61,9 +62,18 @@ fi
 
 # Sources with explicit instantiations of the kernels to check, and a regex (on the mangled
 # names) of the kernels that must use the tensor cores.
-KERNEL_SOURCES=(tests/cuda/kernels/mma_gemm_instances.cu tests/cuda/kernels/absorbed_decode_instances.cu)
-TENSOR_CORE_KERNELS='mma_gemm|decode_attention'
+KERNEL_SOURCES=(tests/cuda/kernels/mma_gemm_instances.cu tests/cuda/kernels/absorbed_decode_instances.cu
+                tests/cuda/kernels/grouped_experts_instances.cu)
+TENSOR_CORE_KERNELS='mma_gemm|decode_attention|grouped_swiglu_gemm'
 ARCHS=(sm_80 sm_90a)
+
+# Eigen's headers (core/dtype.hpp): EIGEN_INCLUDE_DIRS (':'-separated; CTest passes the
+# target's), else Debian's /usr/include/eigen3.
+eigen_flags=()
+IFS=':' read -r -a eigen_dirs <<<"${EIGEN_INCLUDE_DIRS:-/usr/include/eigen3}"
+for dir in "${eigen_dirs[@]}"; do
+  [[ -n "${dir}" ]] && eigen_flags+=(-isystem "${dir}")
+done
 
 failures=0
 unchecked=0
@@ -73,7 +83,7 @@ for source in "${KERNEL_SOURCES[@]}"; do
     cubin="${out_dir}/${base}.${arch}.cubin"
     log="${out_dir}/${base}.${arch}.ptxas.txt"
     "${NVCC}" -std=c++20 -O3 -arch="${arch}" -cubin -Xptxas -v --expt-relaxed-constexpr \
-      -Iinclude -Itests -o "${cubin}" "${source}" 2>"${log}" || {
+      -Iinclude -Itests "${eigen_flags[@]}" -o "${cubin}" "${source}" 2>"${log}" || {
       cat "${log}" >&2
       echo "cuda-static-check: FAIL ${source} does not compile for ${arch}" >&2
       exit 1

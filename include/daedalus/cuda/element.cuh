@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "daedalus/cuda/platform.cuh"
@@ -24,6 +26,38 @@ __host__ __device__ __forceinline__ float to_float(T value) {
     return value;
   }
 }
+
+/// 16 bytes, copied as one vector load or store (16-byte aligned addresses only).
+struct alignas(16) Bytes16 {
+  std::uint32_t word[4];
+};
+
+namespace detail {
+
+/// Stores two 16-bit elements packed in one register (low half first) at `p`, 4-byte aligned.
+/// On the device one 32-bit store; a host compiler (the emulation) copies the bytes, which
+/// strict aliasing allows.
+template <class Element>
+__device__ __forceinline__ void store_pair(Element* p, std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<std::uint32_t*>(p) = bits;
+#else
+  std::memcpy(static_cast<void*>(p), &bits, sizeof(bits));
+#endif
+}
+
+/// Stores 16 bytes at `p` (16-byte aligned): one vector store on the device, a byte copy on the
+/// host, as store_pair.
+template <class Element>
+__device__ __forceinline__ void store_16(Element* p, const Bytes16& bytes) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Bytes16*>(p) = bytes;
+#else
+  std::memcpy(static_cast<void*>(p), &bytes, sizeof(bytes));
+#endif
+}
+
+}  // namespace detail
 
 /// Rounds an fp32 value to storage type T (round to nearest even).
 template <DeviceElement T>

@@ -47,6 +47,14 @@ struct OddExperts : Tiny {
   static constexpr int n_limited_groups = 1;
 };
 
+/// Row lengths that 16-byte loads cannot cover: dim 203 (activations not a multiple of 4, weights
+/// not of 8) and moe_inter_dim 37, so both projections take the element loads.
+struct RaggedExperts : OddExperts {
+  static constexpr const char* name = "RaggedExperts";
+  static constexpr int dim = 203;
+  static constexpr int moe_inter_dim = 37;
+};
+
 inline double bf16(double x) { return double(float(bfloat16(float(x)))); }
 
 /// Unit j's gate and up products of token row x in fp64 from the inputs as `round` stores them,
@@ -574,10 +582,12 @@ inline void check_device_expert_weights_from_buffers(const CudaBackend& cuda) {
 
 TEST_SUITE("cuda moe") {
   using namespace daedalus::testing::moe_experts_checks;
-  TEST_CASE("grouped SwiGLU experts on the tensor cores against fp64 (Tiny, odd widths)") {
+  TEST_CASE(
+      "grouped SwiGLU experts on the tensor cores against fp64 (Tiny, odd and ragged widths)") {
     const daedalus::CudaBackend cuda;
     check_routed_experts<daedalus::Tiny>(cuda, 45, 8201);
     check_routed_experts<OddExperts>(cuda, 83, 8202);
+    check_routed_experts<RaggedExperts>(cuda, 29, 8203);
   }
   TEST_CASE("grouped SwiGLU experts with capacity drops; the permuted read = dispatch + experts") {
     const daedalus::CudaBackend cuda;

@@ -220,20 +220,9 @@ struct DecodeAttentionParams {
   float scale_log2;  // softmax scale · log2(e): scores in base-2 units, softmax with exp2
 };
 
-/// 16 bytes, copied as one vector load/store.
-struct alignas(16) Bytes16 {
-  std::uint32_t word[4];
-};
+using ::daedalus::cuda::Bytes16;
 
-/// Stores two 16-bit elements packed in one register (low half first) at `p`, 4-byte aligned.
-template <class Element>
-__device__ __forceinline__ void store_pair(Element* p, std::uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<std::uint32_t*>(p) = bits;
-#else
-  std::memcpy(static_cast<void*>(p), &bits, sizeof(bits));
-#endif
-}
+using ::daedalus::cuda::detail::store_pair;
 
 /// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg, sm_80+: the
 /// data does not pass through registers, so a thread keeps all its copies of a key block in

@@ -147,9 +147,12 @@ class DeviceSharedExpertWeights {
 namespace detail::expert_kernels {
 
 /// Tiling of the grouped GEMM: a block of 4 warps computes a 64 × 64 tile of x · Wᵀ, each warp
-/// 16 rows × 64 columns (eight m16n8 accumulators), in k steps of 32. Shared rows are padded by 8
-/// elements, as in the other mma kernels: 80-byte rows keep pairs 4-byte aligned and spread a
-/// warp's fragment loads over the banks.
+/// 16 rows × 64 columns (eight m16n8 accumulators), in k steps of 32, two shared stages (the
+/// next step's tiles are loaded into registers, 16 bytes per load, while the tensor cores work
+/// on the current one; one barrier per step), fragments read with ldmatrix.x4. Shared rows are
+/// padded by 8 elements, as in the other mma kernels: 80-byte rows keep every 8-element piece
+/// 16-byte aligned, and the eight rows one ldmatrix matrix reads fall on eight distinct groups
+/// of four banks.
 struct GroupedGemmTraits {
   // block_m equals DeviceRoutingPlan::kRowBlock: the plan's build lays out the row blocks.
   static constexpr int block_m = 64;
@@ -185,7 +188,15 @@ struct GroupedGemmParams {
   int k;            // reduction length
   int n;            // output columns
   int w_rows;       // rows of one expert's weight (2 · inter for gate_up, dim for down)
+  int a_vector;     // 1: k % 4 == 0 and a 16-byte aligned (16-byte loads of activations)
+  int w_vector;     // 1: k % 8 == 0 and w 16-byte aligned (16-byte loads of weights)
 };
+
+/// 1 when rows of `k` elements starting at `base` may be read 16 bytes (`per_16_bytes` elements)
+/// at a time: k a multiple of it and `base` 16-byte aligned; else 0 (element loads).
+inline int vector_rows(const void* base, int k, int per_16_bytes) {
+  return k % per_16_bytes == 0 && reinterpret_cast<std::uintptr_t>(base) % 16 == 0 ? 1 : 0;
+}
 
 /// One 64 × 64 output tile of one expert's segment. blockIdx.x: the row-block tile over all
 /// experts (tiles past the last expert's exit), blockIdx.y: the column tile. Without a plan
@@ -195,8 +206,9 @@ __global__ void __launch_bounds__(GroupedGemmTraits::threads)
     grouped_swiglu_gemm(GroupedGemmParams<T> p) {
   using Traits = GroupedGemmTraits;
   constexpr int ld = Traits::shared_ld;
-  __shared__ __align__(16) T a_tile[Traits::block_m * ld];
-  __shared__ __align__(16) T w_tile[Traits::block_n * ld];
+  // Two stages: the tiles of step k0 are multiplied while the next step's are in registers.
+  __shared__ __align__(16) T a_tile[2][Traits::block_m * ld];
+  __shared__ __align__(16) T w_tile[2][Traits::block_n * ld];
 
   const int tile = static_cast<int>(blockIdx.x);
   int e = 0, row0 = tile * Traits::block_m, row_end = p.single_rows;
@@ -223,48 +235,112 @@ __global__ void __launch_bounds__(GroupedGemmTraits::threads)
                    (kProjection == Projection::gate_up ? Traits::block_n / 2 : Traits::block_n);
   const T* w = p.w + std::int64_t(e) * p.w_rows * p.k;
 
+  namespace dc = ::daedalus::cuda;
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;
   const int warp = tid / 32;
-  const T zero = ::daedalus::cuda::from_float<T>(0.0f);
-  ::daedalus::cuda::MmaAccumulator acc[8] = {};
+  const T zero = dc::from_float<T>(0.0f);
+  dc::MmaAccumulator acc[8] = {};
 
-  for (int k0 = 0; k0 < p.k; k0 += Traits::block_k) {
-    for (int i = tid; i < Traits::block_m * Traits::block_k; i += Traits::threads) {
-      const int r = i / Traits::block_k, c = i % Traits::block_k;
-      const int gr = row0 + r, gc = k0 + c;
-      // Rows below row_end are kept rows; through the plan each holds a slot (>= 0), whose token
-      // row is read in place of a dispatched copy.
-      std::int64_t src = -1;
-      if (gr < row_end && gc < p.k) src = p.a_slot == nullptr ? gr : p.a_slot[gr] / p.a_topk;
-      a_tile[r * ld + c] = src >= 0 ? ::daedalus::cuda::from_float<T>(p.a[src * p.k + gc]) : zero;
+  // Each thread moves four 4-column pieces of the A tile (rows tid / 8 + 16·i, columns
+  // 4·(tid % 8)..) and two 8-column pieces of the W tile (rows tid / 4 + 32·j, columns
+  // 8·(tid % 4)..): one 16-byte load each where the rows allow it.
+  constexpr int a_pieces = Traits::block_m * Traits::block_k / 4 / Traits::threads;
+  constexpr int w_pieces = Traits::block_n * Traits::block_k / 8 / Traits::threads;
+  static_assert(a_pieces == 4 && w_pieces == 2, "the piece layout assumes 64 x 32 tiles");
+  const int a_col = 4 * (tid % 8), w_col = 8 * (tid % 4);
+  // The source row of each A piece, -1 past the segment. Rows below row_end are kept rows;
+  // through the plan each holds a slot (>= 0) whose token row is read in place of a dispatched
+  // copy.
+  std::int64_t a_src[a_pieces];
+  for (int i = 0; i < a_pieces; ++i) {
+    const int gr = row0 + tid / 8 + 16 * i;
+    a_src[i] = gr >= row_end ? -1 : p.a_slot == nullptr ? gr : p.a_slot[gr] / p.a_topk;
+  }
+  // The weight row of each W piece, null past the matrix.
+  const T* w_src[w_pieces];
+  for (int j = 0; j < w_pieces; ++j) {
+    const int r = tid / 4 + 32 * j;
+    int w_row;
+    bool valid;
+    if constexpr (kProjection == Projection::gate_up) {
+      const int unit = col0 + r % (Traits::block_n / 2);
+      const int inter = p.w_rows / 2;
+      w_row = r < Traits::block_n / 2 ? unit : inter + unit;
+      valid = unit < inter;
+    } else {
+      w_row = col0 + r;
+      valid = w_row < p.w_rows;
     }
-    for (int i = tid; i < Traits::block_n * Traits::block_k; i += Traits::threads) {
-      const int r = i / Traits::block_k, c = i % Traits::block_k;
-      int w_row;
-      bool valid;
-      if constexpr (kProjection == Projection::gate_up) {
-        const int unit = col0 + r % (Traits::block_n / 2);
-        const int inter = p.w_rows / 2;
-        w_row = r < Traits::block_n / 2 ? unit : inter + unit;
-        valid = unit < inter;
+    w_src[j] = valid ? w + std::int64_t(w_row) * p.k : nullptr;
+  }
+
+  float4 a_next[a_pieces];
+  dc::Bytes16 w_next[w_pieces];
+  // Step k0's pieces into registers; zeros past the matrix.
+  const auto load = [&](int k0) {
+    for (int i = 0; i < a_pieces; ++i) {
+      const int c = k0 + a_col;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (a_src[i] >= 0 && c < p.k) {
+        const float* src = p.a + a_src[i] * p.k + c;
+        if (p.a_vector != 0) {  // k % 4 == 0: the whole piece is inside the row
+          const float4 q = *reinterpret_cast<const float4*>(src);
+          v[0] = q.x;
+          v[1] = q.y;
+          v[2] = q.z;
+          v[3] = q.w;
+        } else {
+          for (int e4 = 0; e4 < 4 && c + e4 < p.k; ++e4) v[e4] = src[e4];
+        }
+      }
+      a_next[i] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    for (int j = 0; j < w_pieces; ++j) {
+      const int c = k0 + w_col;
+      if (w_src[j] != nullptr && c < p.k && p.w_vector != 0) {  // k % 8 == 0
+        w_next[j] = *reinterpret_cast<const dc::Bytes16*>(w_src[j] + c);
       } else {
-        w_row = col0 + r;
-        valid = w_row < p.w_rows;
+        T v[8];
+        for (int e8 = 0; e8 < 8; ++e8)
+          v[e8] = w_src[j] != nullptr && c + e8 < p.k ? w_src[j][c + e8] : zero;
+        for (int h = 0; h < 4; ++h)
+          w_next[j].word[h] = dc::detail::pack_pair(v[2 * h], v[2 * h + 1]);
       }
-      const int gc = k0 + c;
-      w_tile[r * ld + c] = (valid && gc < p.k) ? w[std::int64_t(w_row) * p.k + gc] : zero;
     }
+  };
+  // The registers into stage `stage`, A rounded to T (nearest even).
+  const auto store = [&](int stage) {
+    for (int i = 0; i < a_pieces; ++i) {
+      T* dst = &a_tile[stage][(tid / 8 + 16 * i) * ld + a_col];
+      dc::detail::store_pair(dst, dc::detail::pack_pair(dc::from_float<T>(a_next[i].x),
+                                                        dc::from_float<T>(a_next[i].y)));
+      dc::detail::store_pair(dst + 2, dc::detail::pack_pair(dc::from_float<T>(a_next[i].z),
+                                                            dc::from_float<T>(a_next[i].w)));
+    }
+    for (int j = 0; j < w_pieces; ++j)
+      dc::detail::store_16(&w_tile[stage][(tid / 4 + 32 * j) * ld + w_col], w_next[j]);
+  };
+
+  load(0);
+  int stage = 0;
+  for (int k0 = 0; k0 < p.k; k0 += Traits::block_k) {
+    // One barrier per step: a thread writing stage s here has passed the previous step's
+    // barrier, which every thread reached only after multiplying stage s two steps ago.
+    store(stage);
     __syncthreads();
+    if (k0 + Traits::block_k < p.k) load(k0 + Traits::block_k);  // in flight during the products
+    const T* a_rows = a_tile[stage] + warp * 16 * ld;
     for (int kk = 0; kk < Traits::block_k; kk += 16) {
-      const auto fa = ::daedalus::cuda::load_fragment_a(a_tile + warp * 16 * ld + kk, ld, lane);
-      for (int j = 0; j < 8; ++j) {
+      const auto fa = dc::load_fragment_a_x4(a_rows + kk, ld, lane);
+      for (int j = 0; j < 4; ++j) {
         const auto fb =
-            ::daedalus::cuda::load_fragment_b_transposed(w_tile + j * 8 * ld + kk, ld, lane);
-        ::daedalus::cuda::mma_m16n8k16(acc[j], fa, fb);
+            dc::load_fragments_b_transposed_x4(w_tile[stage] + j * 16 * ld + kk, ld, lane);
+        dc::mma_m16n8k16(acc[2 * j], fa, fb.tile[0]);
+        dc::mma_m16n8k16(acc[2 * j + 1], fa, fb.tile[1]);
       }
     }
-    __syncthreads();
+    stage ^= 1;
   }
 
   for (int j = 0; j < (kProjection == Projection::gate_up ? 4 : 8); ++j) {
@@ -355,14 +431,17 @@ struct ExpertsImpl<CudaBackend> {
     const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
     cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
                  ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
-                 ek::GroupedGemmParams<D>{a, a_slot, int(plan.k()), weights.w13(), hidden.data(),
-                                          plan.offsets(), plan.counts(), plan.row_block_starts(),
-                                          experts, 0, dim, inter, 2 * inter});
-    cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
-                 ek::grouped_swiglu_gemm<D, ek::Projection::down>,
-                 ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(),
-                                          plan.offsets(), plan.counts(), plan.row_block_starts(),
-                                          experts, 0, inter, dim, dim});
+                 ek::GroupedGemmParams<D>{
+                     a, a_slot, int(plan.k()), weights.w13(), hidden.data(), plan.offsets(),
+                     plan.counts(), plan.row_block_starts(), experts, 0, dim, inter, 2 * inter,
+                     ek::vector_rows(a, dim, 4), ek::vector_rows(weights.w13(), dim, 8)});
+    cuda::launch(
+        cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+        ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+        ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(),
+                                 plan.offsets(), plan.counts(), plan.row_block_starts(), experts, 0,
+                                 inter, dim, dim, ek::vector_rows(hidden.data(), inter, 4),
+                                 ek::vector_rows(weights.w2(), inter, 8)});
     cuda::launch(cuda, {dim3(unsigned(rows)), dim3(128)}, ek::zero_padding_rows<>,
                  ek::ZeroPaddingParams{plan.row_slot(), hidden.data(), out.data(), inter, dim});
   }
@@ -394,16 +473,18 @@ struct ExpertsImpl<CudaBackend> {
     const auto row_tiles = unsigned((tokens + Traits::block_m - 1) / Traits::block_m);
     const auto unit_tiles = unsigned((width + Traits::block_n / 2 - 1) / (Traits::block_n / 2));
     const auto dim_tiles = unsigned((dim + Traits::block_n - 1) / Traits::block_n);
-    cuda::launch(
-        cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
-        ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
-        ek::GroupedGemmParams<D>{x.data(), nullptr, 1, weights.w13(), hidden.data(), nullptr,
-                                 nullptr, nullptr, 1, int(tokens), dim, width, 2 * width});
-    cuda::launch(
-        cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
-        ek::grouped_swiglu_gemm<D, ek::Projection::down>,
-        ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(), nullptr,
-                                 nullptr, nullptr, 1, int(tokens), width, dim, dim});
+    cuda::launch(cuda, {dim3(row_tiles, unit_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::gate_up>,
+                 ek::GroupedGemmParams<D>{x.data(), nullptr, 1, weights.w13(), hidden.data(),
+                                          nullptr, nullptr, nullptr, 1, int(tokens), dim, width,
+                                          2 * width, ek::vector_rows(x.data(), dim, 4),
+                                          ek::vector_rows(weights.w13(), dim, 8)});
+    cuda::launch(cuda, {dim3(row_tiles, dim_tiles), dim3(Traits::threads)},
+                 ek::grouped_swiglu_gemm<D, ek::Projection::down>,
+                 ek::GroupedGemmParams<D>{hidden.data(), nullptr, 1, weights.w2(), out.data(),
+                                          nullptr, nullptr, nullptr, 1, int(tokens), width, dim,
+                                          dim, ek::vector_rows(hidden.data(), width, 4),
+                                          ek::vector_rows(weights.w2(), width, 8)});
   }
 };
 

@@ -120,36 +120,27 @@ class MoeLayer<C, CudaBackend> {
     const index_t rows = next_plan_.rows();
     constexpr index_t inter = C::moe_inter_dim;
     constexpr index_t shared_width = SharedExpertWeights<C>::width;
-    hidden_ = grow(std::move(hidden_), rows * inter);
     expert_out_ = grow(std::move(expert_out_), rows * dim);
-    shared_hidden_ = grow(std::move(shared_hidden_), tokens * shared_width);
-    const TensorView<float, 2, DeviceMemory> hidden(hidden_.data(), {rows, inter});
     const TensorView<float, 2, DeviceMemory> expert_out(expert_out_.data(), {rows, dim});
-    switch (expert_path_) {
-      case DeviceExpertPath::grouped_mma: {
-        expert_in_ = grow(std::move(expert_in_), rows * dim);
-        const TensorView<float, 2, DeviceMemory> expert_in(expert_in_.data(), {rows, dim});
+    if (expert_path_ == DeviceExpertPath::cublas_grouped) {  // its workspaces hold the rest
+      const TensorView<float, 2, DeviceMemory> expert_in = dispatched(rows);
+      dispatch(backend, next_plan_, x, expert_in);
+      routed_experts_cublas(backend, experts_, next_plan_,
+                            TensorView<const float, 2, DeviceMemory>(expert_in), cublas_routed_,
+                            expert_out);
+      shared_experts_cublas(backend, shared_, x, cublas_shared_, out);
+    } else {
+      hidden_ = grow(std::move(hidden_), rows * inter);
+      shared_hidden_ = grow(std::move(shared_hidden_), tokens * shared_width);
+      const TensorView<float, 2, DeviceMemory> hidden(hidden_.data(), {rows, inter});
+      if (expert_path_ == DeviceExpertPath::grouped_mma_permuted_read) {
+        routed_experts_from_tokens(backend, experts_, next_plan_, x, hidden, expert_out);
+      } else {
+        const TensorView<float, 2, DeviceMemory> expert_in = dispatched(rows);
         dispatch(backend, next_plan_, x, expert_in);
         routed_experts(backend, experts_, next_plan_,
                        TensorView<const float, 2, DeviceMemory>(expert_in), hidden, expert_out);
-        break;
       }
-      case DeviceExpertPath::grouped_mma_permuted_read:
-        routed_experts_from_tokens(backend, experts_, next_plan_, x, hidden, expert_out);
-        break;
-      case DeviceExpertPath::cublas_grouped: {
-        expert_in_ = grow(std::move(expert_in_), rows * dim);
-        const TensorView<float, 2, DeviceMemory> expert_in(expert_in_.data(), {rows, dim});
-        dispatch(backend, next_plan_, x, expert_in);
-        routed_experts_cublas(backend, experts_, next_plan_,
-                              TensorView<const float, 2, DeviceMemory>(expert_in), cublas_routed_,
-                              expert_out);
-        break;
-      }
-    }
-    if (expert_path_ == DeviceExpertPath::cublas_grouped) {
-      shared_experts_cublas(backend, shared_, x, cublas_shared_, out);
-    } else {
       shared_experts(
           backend, shared_, x,
           TensorView<float, 2, DeviceMemory>(shared_hidden_.data(), {tokens, shared_width}), out);
@@ -243,6 +234,12 @@ class MoeLayer<C, CudaBackend> {
         settings.n_routed_experts, " experts; expected ", k, " of ", C::n_routed_experts, " for ",
         config_name<C>());
     return settings;
+  }
+
+  /// The [rows, dim] buffer of dispatched rows, grown to `rows`.
+  TensorView<float, 2, DeviceMemory> dispatched(index_t rows) {
+    expert_in_ = grow(std::move(expert_in_), rows * dim);
+    return {expert_in_.data(), {rows, dim}};
   }
 
   /// A buffer of at least `size` elements (at least one, so that every pointer is valid): `old`

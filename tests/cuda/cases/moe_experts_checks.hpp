@@ -75,6 +75,30 @@ GateUpFp64 gate_up_fp64(const float* x, const W& w1, const W& w3, int j, int dim
   return r;
 }
 
+/// γ_n for an fp32 sum of n products on the tensor cores: 2·1.01·n·u, since they may truncate
+/// rather than round (Fasi et al., 2021; kernel_checks.hpp), which doubles the unit roundoff.
+inline double tensor_core_gamma(int n) { return 2.02 * n * 0x1p-24; }
+
+/// Walks the first `rows` rows (the plan's rows(); its downloaded arrays may be longer) of a
+/// downloaded plan: on_padding(r) for a padding row, on_kept(r, e, x_row) for a kept row (its
+/// expert, its token's row of x). Returns how many rows were kept.
+template <class HostPlan, class OnPadding, class OnKept>
+std::size_t for_each_plan_row(const HostPlan& plan, index_t rows,
+                              const std::vector<std::int32_t>& ids, const std::vector<float>& x,
+                              int k, int dim, OnPadding on_padding, OnKept on_kept) {
+  std::size_t kept = 0;
+  for (std::size_t r = 0; r < std::size_t(rows); ++r) {
+    const std::int32_t slot = plan.row_slot[r];
+    if (slot < 0) {
+      on_padding(r);
+      continue;
+    }
+    ++kept;
+    on_kept(r, ids[std::size_t(slot)], x.data() + std::size_t(slot / k) * dim);
+  }
+  return kept;
+}
+
 /// The routed experts over a plan with padding (pad_block 8; dropless unless `settings` set a
 /// capacity) on random tokens, half of whose picks favour experts 0 and 1; and the permuted read
 /// (routed_experts_from_tokens) against them bit for bit.
@@ -128,48 +152,43 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
     CHECK(cuda::to_host(cuda, out2_d) == out);
   }
 
-  // 2·γ_n: the tensor cores may truncate rather than round their fp32 sums (Fasi et al., 2021;
-  // kernel_checks.hpp), which doubles the unit roundoff of the accumulation.
-  const double gamma_dim = 2.02 * dim * 0x1p-24, gamma_inter = 2.02 * inter * 0x1p-24;
-  std::size_t hidden_bad = 0, out_bad = 0, padding_bad = 0, checked = 0;
+  const double gamma_dim = tensor_core_gamma(dim), gamma_inter = tensor_core_gamma(inter);
+  std::size_t hidden_bad = 0, out_bad = 0, padding_bad = 0;
   std::vector<double> h(inter), h_bound(inter);
-  for (index_t r = 0; r < rows; ++r) {
-    const std::int32_t slot = host_plan.row_slot[std::size_t(r)];
-    if (slot < 0) {
-      for (int j = 0; j < inter; ++j) padding_bad += hidden[std::size_t(r) * inter + j] != 0.0f;
-      for (int n = 0; n < dim; ++n) padding_bad += out[std::size_t(r) * dim + n] != 0.0f;
-      continue;
-    }
-    ++checked;
-    const int e = ids[std::size_t(slot)];
-    const float* xr = x.data() + std::size_t(slot / k) * dim;
-    const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
-    for (int j = 0; j < inter; ++j) {
-      const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, bf16);
-      const double silu = g / (1.0 + std::exp(-g));
-      h[std::size_t(j)] = silu * u;
-      // d silu / dg is at most 1.1; the device's exp adds a relative 2^-20 at most.
-      h_bound[std::size_t(j)] = 1.1 * std::fabs(u) * gamma_dim * g_mag +
-                                std::fabs(silu) * gamma_dim * u_mag +
-                                0x1p-20 * std::fabs(h[std::size_t(j)]) + 1e-30;
-      hidden_bad += std::fabs(double(hidden[std::size_t(r) * inter + j]) - h[std::size_t(j)]) >
-                    h_bound[std::size_t(j)];
-    }
-    for (int n = 0; n < dim; ++n) {
-      double want = 0, bound = 0, mag = 0;
-      for (int j = 0; j < inter; ++j) {
-        const double w = bf16(w2(n, j));
-        want += h[std::size_t(j)] * w;
-        mag += std::fabs(h[std::size_t(j)] * w);
-        // The device rounds its hidden value (within h_bound of h) to bf16: relative error at
-        // most u = 2^-8 (8 significant bits, round to nearest).
-        bound += std::fabs(w) * (0x1p-8 * (std::fabs(h[std::size_t(j)]) + h_bound[std::size_t(j)]) +
-                                 h_bound[std::size_t(j)]);
-      }
-      bound += gamma_inter * 1.01 * mag + 1e-30;
-      out_bad += std::fabs(double(out[std::size_t(r) * dim + n]) - want) > bound;
-    }
-  }
+  const auto padding = [&](std::size_t r) {
+    for (int j = 0; j < inter; ++j) padding_bad += hidden[r * inter + j] != 0.0f;
+    for (int n = 0; n < dim; ++n) padding_bad += out[r * dim + n] != 0.0f;
+  };
+  const std::size_t checked = for_each_plan_row(
+      host_plan, rows, ids, x, k, dim, padding, [&](std::size_t r, int e, const float* xr) {
+        const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
+        for (int j = 0; j < inter; ++j) {
+          const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, bf16);
+          const double silu = g / (1.0 + std::exp(-g));
+          h[std::size_t(j)] = silu * u;
+          // d silu / dg is at most 1.1; the device's exp adds a relative 2^-20 at most.
+          h_bound[std::size_t(j)] = 1.1 * std::fabs(u) * gamma_dim * g_mag +
+                                    std::fabs(silu) * gamma_dim * u_mag +
+                                    0x1p-20 * std::fabs(h[std::size_t(j)]) + 1e-30;
+          hidden_bad += std::fabs(double(hidden[std::size_t(r) * inter + j]) - h[std::size_t(j)]) >
+                        h_bound[std::size_t(j)];
+        }
+        for (int n = 0; n < dim; ++n) {
+          double want = 0, bound = 0, mag = 0;
+          for (int j = 0; j < inter; ++j) {
+            const double w = bf16(w2(n, j));
+            want += h[std::size_t(j)] * w;
+            mag += std::fabs(h[std::size_t(j)] * w);
+            // The device rounds its hidden value (within h_bound of h) to bf16: relative error at
+            // most u = 2^-8 (8 significant bits, round to nearest).
+            bound +=
+                std::fabs(w) * (0x1p-8 * (std::fabs(h[std::size_t(j)]) + h_bound[std::size_t(j)]) +
+                                h_bound[std::size_t(j)]);
+          }
+          bound += gamma_inter * 1.01 * mag + 1e-30;
+          out_bad += std::fabs(double(out[std::size_t(r) * dim + n]) - want) > bound;
+        }
+      });
   if (settings.capacity_factor > 0) REQUIRE(host_plan.dropped > 0);  // experts 0, 1 overflow
   CHECK(checked == std::size_t(tokens) * k - std::size_t(host_plan.dropped));
   CHECK(hidden_bad == 0);
@@ -177,15 +196,25 @@ void check_routed_experts(const CudaBackend& cuda, int tokens, std::uint64_t str
   CHECK(padding_bad == 0);
 }
 
+/// What the bad-input checks build plans and calls from: Tiny's experts on the device and the
+/// ids and weights of 2 tokens × 3 slots (one slot per expert 0-5).
+struct BadInputSetup {
+  explicit BadInputSetup(const CudaBackend& cuda)
+      : device_weights(cuda, moe::ExpertWeights<Tiny>::random(9)),
+        ids(cuda::to_device(cuda, std::vector<std::int32_t>{0, 1, 2, 3, 4, 5})),
+        weights(cuda::to_device(cuda, std::vector<float>(6, 0.5f))) {}
+  moe::DeviceExpertWeights<Tiny> device_weights;
+  cuda::DeviceBuffer<std::int32_t> ids;
+  cuda::DeviceBuffer<float> weights;
+};
+
 /// Weights and plan from another backend or config are compile errors; a plan built for
 /// another number of experts and wrong extents are typed errors.
 inline void check_routed_experts_bad_input(const CudaBackend& cuda) {
-  const auto weights = moe::ExpertWeights<Tiny>::random(9);
-  const moe::DeviceExpertWeights<Tiny> device_weights(cuda, weights);
-  const std::vector<std::int32_t> ids = {0, 1, 2, 3, 4, 5};
-  const std::vector<float> w(ids.size(), 0.5f);
-  const auto ids_d = cuda::to_device(cuda, ids);
-  const auto w_d = cuda::to_device(cuda, w);
+  const BadInputSetup setup(cuda);
+  const auto& device_weights = setup.device_weights;
+  const auto& ids_d = setup.ids;
+  const auto& w_d = setup.weights;
   moe::DeviceRoutingPlan plan;
   plan.build(cuda, TensorView<const std::int32_t, 2, DeviceMemory>(ids_d.data(), {2, 3}),
              TensorView<const float, 2, DeviceMemory>(w_d.data(), {2, 3}), 7);
@@ -434,52 +463,47 @@ void check_routed_experts_cublas(const CudaBackend& cuda, const CublasCase& tc) 
   CHECK(std::memcmp(out.data(), again.data(), out.size() * sizeof(float)) == 0);
   const auto host_plan = plan.download(cuda);
 
-  // 2·γ_n: cuBLAS's tensor-core sums may truncate, as the mma kernel's (check_routed_experts).
-  const double gamma_dim = 2.02 * dim * tolerance::fp32_u;
-  const double gamma_inter = 2.02 * inter * tolerance::fp32_u;
-  std::size_t out_bad = 0, padding_bad = 0, checked = 0;
+  // cuBLAS's tensor-core sums may truncate, as the mma kernel's (check_routed_experts).
+  const double gamma_dim = tensor_core_gamma(dim), gamma_inter = tensor_core_gamma(inter);
+  std::size_t out_bad = 0, padding_bad = 0;
   std::vector<double> h(inter), h_bound(inter);
-  for (index_t r = 0; r < rows; ++r) {
-    const std::int32_t slot = host_plan.row_slot[std::size_t(r)];
-    if (slot < 0) {
-      for (int n = 0; n < dim; ++n) padding_bad += out[std::size_t(r) * dim + n] != 0.0f;
-      continue;
-    }
-    ++checked;
-    const int e = ids[std::size_t(slot)];
-    const float* xr = x.data() + std::size_t(slot / k) * dim;
-    const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
-    for (int j = 0; j < inter; ++j) {
-      const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, &R::round);
-      // The fp32 sums (γ bounds as in check_routed_experts), then what this path adds: g and u
-      // stored as T (relative u_T each, R::after).
-      const double g_err = R::after(g, gamma_dim * g_mag);
-      const double u_err = R::after(u, gamma_dim * u_mag);
-      const double silu = g / (1.0 + std::exp(-g));
-      h[std::size_t(j)] = silu * u;
-      // d silu / dg is at most 1.1; the device's exp and its three fp32 operations add a
-      // relative 2^-20 at most.
-      h_bound[std::size_t(j)] = 1.1 * g_err * (std::fabs(u) + u_err) + std::fabs(silu) * u_err +
-                                0x1p-20 * (std::fabs(h[std::size_t(j)]) + 1.1 * g_err * u_err) +
-                                1e-30;
-    }
-    for (int n = 0; n < dim; ++n) {
-      double want = 0, bound = 0, mag = 0;
-      for (int j = 0; j < inter; ++j) {
-        const double w = R::round(w2(n, j));
-        want += h[std::size_t(j)] * w;
-        // The hidden value (within h_bound of h) stored as T, as in routed_experts; the fp32
-        // sum's γ bound then takes the magnitudes of the stored values.
-        const double stored_err = R::after(h[std::size_t(j)], h_bound[std::size_t(j)]);
-        bound += std::fabs(w) * stored_err;
-        mag += (std::fabs(h[std::size_t(j)]) + stored_err) * std::fabs(w);
-      }
-      bound += gamma_inter * mag + 1e-30;
-      // What this path adds at the end: the fp32 result stored as T.
-      bound = R::after(want, bound);
-      out_bad += !(std::fabs(double(out[std::size_t(r) * dim + n]) - want) <= bound);
-    }
-  }
+  const auto padding = [&](std::size_t r) {
+    for (int n = 0; n < dim; ++n) padding_bad += out[r * dim + n] != 0.0f;
+  };
+  const std::size_t checked = for_each_plan_row(
+      host_plan, rows, ids, x, k, dim, padding, [&](std::size_t r, int e, const float* xr) {
+        const auto w1 = weights.w1(e), w3 = weights.w3(e), w2 = weights.w2(e);
+        for (int j = 0; j < inter; ++j) {
+          const auto [g, u, g_mag, u_mag] = gate_up_fp64(xr, w1, w3, j, dim, &R::round);
+          // The fp32 sums (γ bounds as in check_routed_experts), then what this path adds: g and u
+          // stored as T (relative u_T each, R::after).
+          const double g_err = R::after(g, gamma_dim * g_mag);
+          const double u_err = R::after(u, gamma_dim * u_mag);
+          const double silu = g / (1.0 + std::exp(-g));
+          h[std::size_t(j)] = silu * u;
+          // d silu / dg is at most 1.1; the device's exp and its three fp32 operations add a
+          // relative 2^-20 at most.
+          h_bound[std::size_t(j)] = 1.1 * g_err * (std::fabs(u) + u_err) + std::fabs(silu) * u_err +
+                                    0x1p-20 * (std::fabs(h[std::size_t(j)]) + 1.1 * g_err * u_err) +
+                                    1e-30;
+        }
+        for (int n = 0; n < dim; ++n) {
+          double want = 0, bound = 0, mag = 0;
+          for (int j = 0; j < inter; ++j) {
+            const double w = R::round(w2(n, j));
+            want += h[std::size_t(j)] * w;
+            // The hidden value (within h_bound of h) stored as T, as in routed_experts; the fp32
+            // sum's γ bound then takes the magnitudes of the stored values.
+            const double stored_err = R::after(h[std::size_t(j)], h_bound[std::size_t(j)]);
+            bound += std::fabs(w) * stored_err;
+            mag += (std::fabs(h[std::size_t(j)]) + stored_err) * std::fabs(w);
+          }
+          bound += gamma_inter * mag + 1e-30;
+          // What this path adds at the end: the fp32 result stored as T.
+          bound = R::after(want, bound);
+          out_bad += !(std::fabs(double(out[std::size_t(r) * dim + n]) - want) <= bound);
+        }
+      });
   std::size_t kept = 0;
   for (const std::int32_t row : host_plan.slot_row) kept += row >= 0;
   CHECK(checked == kept);
@@ -491,12 +515,10 @@ void check_routed_experts_cublas(const CudaBackend& cuda, const CublasCase& tc) 
 /// The cuBLAS path's bad input gets routed_experts' errors, naming routed_experts_cublas, and
 /// leaves the output unchanged.
 inline void check_routed_experts_cublas_bad_input(const CudaBackend& cuda) {
-  const auto weights = moe::ExpertWeights<Tiny>::random(9);
-  const moe::DeviceExpertWeights<Tiny> device_weights(cuda, weights);
-  const std::vector<std::int32_t> ids = {0, 1, 2, 3, 4, 5};
-  const std::vector<float> w(ids.size(), 0.5f);
-  const auto ids_d = cuda::to_device(cuda, ids);
-  const auto w_d = cuda::to_device(cuda, w);
+  const BadInputSetup setup(cuda);
+  const auto& device_weights = setup.device_weights;
+  const auto& ids_d = setup.ids;
+  const auto& w_d = setup.weights;
   moe::DeviceRoutingPlan plan;
   moe::CublasExpertWorkspace workspace;
   const std::vector<float> sentinel(6 * Tiny::dim, 3.0f);

@@ -17,6 +17,7 @@
 #include "daedalus/cuda/backend.cuh"
 #include "daedalus/cuda/blas.cuh"
 #include "daedalus/cuda/check.cuh"
+#include "daedalus/cuda/convert_rows.cuh"
 #include "daedalus/cuda/device_buffer.cuh"
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/launch.cuh"

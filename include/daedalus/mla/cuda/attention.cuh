@@ -156,7 +156,7 @@ struct MlaImpl<C, CudaBackend> {
     using E = typename DeviceMlaWeights<C, T>::device_element_type;
     if (tokens == 0) return;
     E* x_t = ws.template elements<E>(kInput, tokens * S::dim);
-    mla::cuda::launch_convert_rows(cuda, x, tokens, S::dim, S::dim, x_t, S::dim);
+    ::daedalus::cuda::launch_convert_rows(cuda, x, tokens, S::dim, S::dim, x_t, S::dim);
     if constexpr (S::has_q_lora) {
       float* q_a = ws.floats(kQa, tokens * S::q_lora_rank);
       daedalus::cuda::linear(cuda, x_t, tokens, S::dim, w.wq_a(), S::q_lora_rank, q_a);
@@ -384,7 +384,7 @@ struct MlaImpl<C, CudaBackend> {
       float* o_lat = ws.floats(kOLatent, tokens * H * V);
       absorbed_rows<Storage>(cuda, ws, rows, q_len, q_abs, scale, o_lat);
       E* o_lat_t = ws.template elements<E>(kInput2, tokens * H * V);
-      mla::cuda::launch_convert_rows(cuda, o_lat, tokens * H, V, V, o_lat_t, V);
+      ::daedalus::cuda::launch_convert_rows(cuda, o_lat, tokens * H, V, V, o_lat_t, V);
       // o[h] = o_lat[h] · W_UV[h]ᵀ (W_UV[h] is [v_head_dim, kv_lora_rank] after W_UK[h]).
       daedalus::cuda::gemm_strided_batched(cuda, H, tokens, VD, V,
                                            RowMajorOperand<E>{o_lat_t, H * V, V},
@@ -397,7 +397,7 @@ struct MlaImpl<C, CudaBackend> {
       }
     }
     E* o_t = ws.template elements<E>(kOutput, tokens * H * VD);
-    mla::cuda::launch_convert_rows(cuda, o, tokens, H * VD, H * VD, o_t, H * VD);
+    ::daedalus::cuda::launch_convert_rows(cuda, o, tokens, H * VD, H * VD, o_t, H * VD);
     daedalus::cuda::linear(cuda, o_t, tokens, H * VD, w.wo(), S::dim, out);
   }
 };

@@ -13,6 +13,7 @@
 #include "daedalus/cuda/backend.cuh"
 #include "daedalus/cuda/blas.cuh"
 #include "daedalus/cuda/check.cuh"
+#include "daedalus/cuda/convert_rows.cuh"
 #include "daedalus/cuda/device_buffer.cuh"
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/launch.cuh"
@@ -104,21 +105,6 @@ namespace detail::cublas_expert_kernels {
 
 /// Threads per block of the element-wise kernels (one block per row).
 inline constexpr int kThreads = 128;
-
-template <class D>
-struct RoundRowsParams {
-  const float* in;  // [rows, dim] fp32
-  D* out;           // [rows, dim] T
-  int dim;
-};
-
-/// out = in rounded to T (nearest even). One block per row.
-template <class D>
-__global__ void round_rows(RoundRowsParams<D> p) {
-  const std::int64_t row = blockIdx.x;
-  for (int i = static_cast<int>(threadIdx.x); i < p.dim; i += static_cast<int>(blockDim.x))
-    p.out[row * p.dim + i] = ::daedalus::cuda::from_float<D>(p.in[row * p.dim + i]);
-}
 
 template <class D>
 struct SegmentParams {
@@ -224,8 +210,7 @@ struct CublasExperts {
     D* y = reinterpret_cast<D*>(ws.y_.data());
     const dim3 row_grid(static_cast<unsigned>(rows)), row_block(ck::kThreads);
 
-    cuda::launch(cuda, {row_grid, row_block}, ck::round_rows<D>,
-                 ck::RoundRowsParams<D>{in.data(), x, dim});
+    cuda::launch_convert_rows(cuda, in.data(), rows, dim, dim, x, dim);
     cuda::launch(cuda, {dim3(unsigned((experts + ck::kThreads) / ck::kThreads)), row_block},
                  ck::expert_segments<D>,
                  ck::SegmentParams<D>{plan.offsets(), plan.counts(), weights.w13(), weights.w2(), x,
@@ -405,8 +390,7 @@ void shared_experts_cublas(const CudaBackend& backend,
   D* hidden = reinterpret_cast<D*>(workspace.hidden_.data());
   float* gate_up = workspace.gate_up_.data();
   const dim3 row_grid(static_cast<unsigned>(tokens)), row_block(ck::kThreads);
-  cuda::launch(backend, {row_grid, row_block}, ck::round_rows<D>,
-               ck::RoundRowsParams<D>{x.data(), x16, int(dim)});
+  cuda::launch_convert_rows(backend, x.data(), tokens, dim, dim, x16, dim);
   cuda::linear(backend, static_cast<const D*>(x16), tokens, dim, weights.w13(), 2 * width, gate_up);
   cuda::launch(backend, {row_grid, row_block}, ck::swiglu_rows<float, D>,
                ck::SwigluParams<float, D>{nullptr, gate_up, hidden, int(width)});

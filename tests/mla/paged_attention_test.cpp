@@ -7,7 +7,8 @@
 //   - every storage type against the fp64 reference over the rows the pool holds (kernel error
 //     only) and over the fp32 rows before storage (with a bound derived from the storage's
 //     documented rounding)
-//   - split-KV (several threads) == unsplit (one thread), and the plan really splits
+//   - split-KV: the plan cuts a long sequence by its length alone, the merge equals the fp64
+//     result and gives the same bits for any thread count
 //   - zero-length sequences give zeros and do not disturb their neighbours
 //   - the table-driven fp8 widening equals LatentRowFormat::decode bit for bit
 //   - a view that points outside the pool is refused with a typed error, output untouched
@@ -304,10 +305,9 @@ TEST_CASE_TEMPLATE("paged absorbed attention equals contiguous attention bit for
           }
           continue;
         }
-        // The same entry alone in a contiguous batch: sequences of a batch do not interact, and
-        // the split plan of a batch depends on all lengths, so compare against the same batch
-        // of the lengths that the contiguous front accepts, entry by entry, with one thread
-        // (one thread never splits) ...
+        // The same entry alone in a contiguous batch, on one thread: sequences of a batch do
+        // not interact, and the split plan depends on each sequence's own length only, so the
+        // bits agree for any thread count where the row formats are read alike ...
         std::vector<float> want(rows * R);
         const index_t seq = b;
         mla::absorbed_attention(CpuBackend(1), contiguous, std::span<const index_t>(&seq, 1),
@@ -316,11 +316,10 @@ TEST_CASE_TEMPLATE("paged absorbed attention equals contiguous attention bit for
                                 mla::softmax_scale<C>(),
                                 HostView<float, 4>(want.data(), {1, q_len, H, R}));
         const std::vector<float> got = dt::slice_rows(paged, b * q_len * H, (b + 1) * q_len * H, R);
-        if (threads == 1 && bitwise_equal_to_contiguous<C, Storage>()) {
+        if (bitwise_equal_to_contiguous<C, Storage>()) {
           CHECK(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)) == 0);
         } else {
-          // ... and with several threads, where the paged batch may split a sequence the single
-          // run does not, or where the summation order differs: by fp32 rounding only.
+          // ... and elsewhere, where the summation order differs, by fp32 rounding only.
           CHECK(tol::row_relative_error(got, want, R) <=
                 tol::fp32_vs_fp32(std::max<index_t>(S::latent_dim, pool.seqlens[std::size_t(b)])));
         }
@@ -399,30 +398,36 @@ TEST_CASE_TEMPLATE("paged absorbed attention matches fp64 over the stored rows a
   }
 }
 
-TEST_CASE("split-KV over a paged pool equals the unsplit computation") {
+TEST_CASE("split-KV over a paged pool: pieces fixed by the length, merged to the fp64 result") {
   using C = daedalus::Tiny;
   using S = MlaShape<C>;
   using Impl = daedalus::mla::detail::MlaImpl<C, CpuBackend>;
-  // One long sequence: with one thread it is one work item; with more it is split in pieces
-  // merged by log-sum-exp.
+  using Traits = daedalus::mla::CpuAttentionTraits;
+  constexpr index_t H = S::n_heads, D = S::latent_dim, R = S::kv_lora_rank;
+  // One long sequence (1500 tokens: 12 key blocks, the last one partial) is cut into pieces of
+  // at least split_min_blocks blocks whatever the thread count, merged by log-sum-exp.
   const std::vector<index_t> lengths = {1500};
   const HandPool<C, float, 16> pool(lengths, 1, 630);
   const auto view = pool.view();
+  const double scale = mla::softmax_scale<C>();
   for (index_t q_len : {1, 2}) {
+    CAPTURE(q_len);
+    index_t partial_slots = 0;
+    const auto items = Impl::plan_absorbed(
+        daedalus::mla::detail::PagedLatentRows<C, float, 16>(view), q_len, partial_slots);
+    const index_t blocks = (lengths[0] + Traits::key_block - 1) / Traits::key_block;
+    CHECK(index_t(items.size()) ==
+          (blocks + Traits::split_min_blocks - 1) / Traits::split_min_blocks);
+    CHECK(partial_slots == index_t(items.size()));
     const std::vector<float> q = random_queries<C>(1, q_len, 631 + std::uint64_t(q_len));
-    const std::vector<float> unsplit = paged_absorbed(CpuBackend(1), view, q, q_len);
+    const std::vector<float> one = paged_absorbed(CpuBackend(1), view, q, q_len);
+    const std::vector<double> want =
+        mla_reference::latent_attention(int(H), int(R), int(D), dt::widen(q), int(q_len),
+                                        dt::widen(pool.stored[0]), int(lengths[0]), scale);
+    CHECK(tol::row_relative_error(one, want, R) <= tol::fp32_vs_reference(lengths[0]));
     for (int threads : {2, 3, 4}) {
-      CAPTURE(q_len);
       CAPTURE(threads);
-      index_t partial_slots = 0;
-      const auto items = Impl::plan_absorbed(
-          CpuBackend(threads), daedalus::mla::detail::PagedLatentRows<C, float, 16>(view), q_len,
-          partial_slots);
-      CHECK(index_t(items.size()) >= threads);  // every thread gets a piece
-      CHECK(partial_slots == index_t(items.size()));
-      const std::vector<float> split = paged_absorbed(CpuBackend(threads), view, q, q_len);
-      CHECK(tol::row_relative_error(split, unsplit, S::kv_lora_rank) <=
-            tol::fp32_vs_fp32(lengths[0]));
+      CHECK(dt::same_bits(paged_absorbed(CpuBackend(threads), view, q, q_len), one));
     }
   }
 }

@@ -211,6 +211,13 @@ PrefillResult prefill_prompt(const CpuBackend& cpu, const std::vector<float>& x,
   return r;
 }
 
+/// True when two float arrays hold the same bit patterns (what "independent of the thread count"
+/// means; a tolerance would hide a partition that depends on it).
+inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
 /// Rows [begin, end) of a row-major array of rows `width` wide.
 template <class T>
 std::vector<T> slice_rows(const std::vector<T>& v, index_t begin, index_t end, index_t width) {

@@ -39,6 +39,12 @@ struct CpuAttentionTraits {
   static constexpr index_t row_tile = 128;
   /// Cached tokens per block of the naive kernel (each is up-projected to all heads at once).
   static constexpr index_t naive_key_block = 128;
+  /// Split-KV (flash-decoding): a tile's key blocks are cut into pieces of at least
+  /// split_min_blocks blocks, and into at most max_splits pieces. The cut depends on the tile's
+  /// own key count only, never on the thread count or the rest of the batch, so a sequence's
+  /// result is bitwise the same for any thread count and in any batch.
+  static constexpr index_t split_min_blocks = 4;
+  static constexpr index_t max_splits = 32;
   static_assert(key_block % cpu_kernels::kPanel == 0,
                 "CpuAttentionTraits: key_block must be a multiple of the score kernel's panel");
 };
@@ -238,44 +244,35 @@ struct MlaImpl<C, CpuBackend> {
     project_tokens(cpu, w, positions.data(), x.extent(0), x.data(), q.data(), latent.data());
   }
 
-  /// Splits every tile's key range so that the pieces number about one per thread or more and
-  /// none is longer than the longest tile's range divided by the thread count (FlashMLA's
-  /// get_mla_metadata idea, on the host): one long sequence then uses every thread.
+  /// Cuts every tile's key range into pieces (CpuAttentionTraits::split_min_blocks,
+  /// max_splits; FlashMLA's get_mla_metadata idea, on the host): a long sequence then uses every
+  /// thread, and the cut, which fixes the rounding of the merge, depends on sizes only.
   template <class Rows>
-  static std::vector<AbsorbedWorkItem> plan_absorbed(const CpuBackend& cpu, const Rows& src,
-                                                     index_t q_len, index_t& partial_slots) {
+  static std::vector<AbsorbedWorkItem> plan_absorbed(const Rows& src, index_t q_len,
+                                                     index_t& partial_slots) {
     const index_t rows_per_seq = q_len * S::n_heads;
     const index_t tokens_per_tile = std::max<index_t>(1, Traits::row_tile / S::n_heads);
-    struct Tile {
-      index_t b, row_begin, row_end, keys;
-    };
-    std::vector<Tile> tiles;
-    index_t total_blocks = 0;
+    std::vector<AbsorbedWorkItem> items;
+    partial_slots = 0;
     for (index_t b = 0; b < src.batch(); ++b) {
       const index_t len = src.length(b);
       for (index_t t0 = 0; t0 < q_len; t0 += tokens_per_tile) {
         const index_t t1 = std::min(q_len, t0 + tokens_per_tile);
+        const index_t row_begin = t0 * S::n_heads;
+        const index_t row_end = std::min(rows_per_seq, t1 * S::n_heads);
         // The tile's last token sees keys [0, keys); none when the sequence holds fewer tokens
         // than its queries (a zero-length entry of a paged batch).
         const index_t keys = std::max<index_t>(0, len - q_len + t1);
-        tiles.push_back({b, t0 * S::n_heads, std::min(rows_per_seq, t1 * S::n_heads), keys});
-        total_blocks += (keys + Traits::key_block - 1) / Traits::key_block;
-      }
-    }
-    const index_t threads = cpu.num_threads();
-    const index_t blocks_per_piece =
-        std::max<index_t>(1, (total_blocks + threads - 1) / std::max<index_t>(1, threads));
-    std::vector<AbsorbedWorkItem> items;
-    partial_slots = 0;
-    for (const Tile& tile : tiles) {
-      const index_t blocks = (tile.keys + Traits::key_block - 1) / Traits::key_block;
-      const index_t pieces =
-          std::max<index_t>(1, (blocks + blocks_per_piece - 1) / blocks_per_piece);
-      for (index_t p = 0; p < pieces; ++p) {
-        const index_t k0 = blocks * p / pieces * Traits::key_block;
-        const index_t k1 = std::min(tile.keys, blocks * (p + 1) / pieces * Traits::key_block);
-        items.push_back(
-            {tile.b, tile.row_begin, tile.row_end, k0, k1, pieces == 1 ? -1 : partial_slots++});
+        const index_t blocks = (keys + Traits::key_block - 1) / Traits::key_block;
+        const index_t blocks_per_piece = std::max<index_t>(
+            Traits::split_min_blocks, (blocks + Traits::max_splits - 1) / Traits::max_splits);
+        const index_t pieces =
+            std::max<index_t>(1, (blocks + blocks_per_piece - 1) / blocks_per_piece);
+        for (index_t p = 0; p < pieces; ++p) {
+          const index_t k0 = blocks * p / pieces * Traits::key_block;
+          const index_t k1 = std::min(keys, blocks * (p + 1) / pieces * Traits::key_block);
+          items.push_back({b, row_begin, row_end, k0, k1, pieces == 1 ? -1 : partial_slots++});
+        }
       }
     }
     return items;
@@ -400,7 +397,7 @@ struct MlaImpl<C, CpuBackend> {
     const index_t q_len = q.extent(1);
     const index_t rows_per_seq = q_len * S::n_heads;
     index_t partial_slots = 0;
-    const std::vector<AbsorbedWorkItem> items = plan_absorbed(cpu, src, q_len, partial_slots);
+    const std::vector<AbsorbedWorkItem> items = plan_absorbed(src, q_len, partial_slots);
     // Split partials live in the calling thread's scratch; the workers get plain pointers
     // (naming a thread_local inside the parallel region would give each worker its own).
     AttentionScratch& caller = AttentionScratch::local();
@@ -421,7 +418,7 @@ struct MlaImpl<C, CpuBackend> {
                     partial_lse + item.partial_slot * Traits::row_tile);
       }
     });
-    merge_splits(items, rows_per_seq, partial_out, partial_lse, out_latent.data());
+    merge_splits(cpu, items, rows_per_seq, partial_out, partial_lse, out_latent.data());
   }
 
   template <class Storage>
@@ -441,10 +438,19 @@ struct MlaImpl<C, CpuBackend> {
   }
 
   /// Combines the split ranges of each tile: o = Σ_s exp(lse_s - lse) o_s with
-  /// lse = log Σ_s exp(lse_s) (flash-decoding's reduction, FlashMLA's combine kernel).
-  static void merge_splits(const std::vector<AbsorbedWorkItem>& items, index_t rows_per_seq,
-                           const float* partial_out, const float* partial_lse, float* out) {
+  /// lse = log Σ_s exp(lse_s) (flash-decoding's reduction, FlashMLA's combine kernel). Rows are
+  /// independent and each is summed in piece order, so the threads change nothing but speed.
+  static void merge_splits(const CpuBackend& cpu, const std::vector<AbsorbedWorkItem>& items,
+                           index_t rows_per_seq, const float* partial_out, const float* partial_lse,
+                           float* out) {
     constexpr index_t V = S::kv_lora_rank;
+    constexpr float kNoKeys = -std::numeric_limits<float>::infinity();
+    struct Group {
+      std::size_t first, end;  // the split pieces [first, end) of one tile
+      index_t rows_before;     // rows of the groups before this one
+    };
+    std::vector<Group> groups;
+    index_t total_rows = 0;
     for (std::size_t i = 0; i < items.size();) {
       if (items[i].partial_slot < 0) {
         ++i;
@@ -456,18 +462,32 @@ struct MlaImpl<C, CpuBackend> {
              items[end].row_begin == items[i].row_begin) {
         ++end;
       }
-      const index_t rows = items[i].row_end - items[i].row_begin;
-      float* dst = out + (items[i].batch_index * rows_per_seq + items[i].row_begin) * V;
-      for (index_t r = 0; r < rows; ++r) {
-        float max_lse = -std::numeric_limits<float>::infinity();
-        for (std::size_t s = i; s < end; ++s)
+      groups.push_back({i, end, total_rows});
+      total_rows += items[i].row_end - items[i].row_begin;
+      i = end;
+    }
+    // One parallel region over every merged row of every tile.
+    cpu.parallel_ranges(total_rows, [&](index_t g0, index_t g1, int) {
+      std::size_t g = std::size_t(std::upper_bound(groups.begin(), groups.end(), g0,
+                                                   [](index_t row, const Group& group) {
+                                                     return row < group.rows_before;
+                                                   }) -
+                                  groups.begin() - 1);
+      for (index_t flat = g0; flat < g1; ++flat) {
+        while (g + 1 < groups.size() && flat >= groups[g + 1].rows_before) ++g;
+        const Group& group = groups[g];
+        const AbsorbedWorkItem& tile = items[group.first];
+        const index_t r = flat - group.rows_before;
+        float max_lse = kNoKeys;
+        for (std::size_t s = group.first; s < group.end; ++s)
           max_lse = std::max(max_lse, partial_lse[items[s].partial_slot * Traits::row_tile + r]);
-        auto row = cpu::map(dst + r * V, 1, V, V);
+        auto row =
+            cpu::map(out + (tile.batch_index * rows_per_seq + tile.row_begin + r) * V, 1, V, V);
         row.setZero();
         float total = 0.0f;
-        for (std::size_t s = i; s < end; ++s) {
+        for (std::size_t s = group.first; s < group.end; ++s) {
           const float lse = partial_lse[items[s].partial_slot * Traits::row_tile + r];
-          if (lse == -std::numeric_limits<float>::infinity()) continue;
+          if (lse == kNoKeys) continue;
           const float weight = std::exp(lse - max_lse);
           total += weight;
           row += weight * cpu::map(partial_out + (items[s].partial_slot * Traits::row_tile + r) * V,
@@ -475,8 +495,7 @@ struct MlaImpl<C, CpuBackend> {
         }
         if (total > 0.0f) row *= 1.0f / total;
       }
-      i = end;
-    }
+    });
   }
 
   /// Naive attention (MLA.forward with attn_impl = "naive"): per key block, up-project the

@@ -152,7 +152,7 @@ TEST_CASE("BlockAllocator: copy on write reaches every registered pool; moves re
 
   const index_t child = allocator.fork(parent);
   const std::vector<float> token = random.uniform(D);
-  fp32_layers[0].append(child, view(token));  // copies block 1 in all three pools
+  fp32_layers[0].write(child, 20, view(token));  // copies block 1 in all three pools
   CHECK(allocator.length(child) == 21);
   fp32_layers[1].write(child, 20, view(token));  // later layers write the same position
   fp8_layer.write(child, 20, view(token));
@@ -258,7 +258,7 @@ TEST_CASE("BlockAllocator and PagedLatentCache: bad input throws a typed error, 
   Fp8Cache fp8(allocator);
   Random random(903);
   const index_t a = allocator.add_sequence();
-  cache.append(a, view(random.uniform(40 * D)));  // 3 of 4 blocks
+  cache.write(a, 0, view(random.uniform(40 * D)));  // 3 of 4 blocks
   fp8.write(a, 0, view(random.uniform(40 * D)));
   const index_t released = allocator.add_sequence();
   allocator.release(released);
@@ -273,14 +273,14 @@ TEST_CASE("BlockAllocator and PagedLatentCache: bad input throws a typed error, 
   };
 
   // Pool exhausted: 40 + 30 tokens need 5 blocks.
-  CHECK(contains(
-      message_of<daedalus::CapacityError>([&] { cache.append(a, view(random.uniform(30 * D))); }),
-      "daedalus::PagedLatentCache::write: the block pool is exhausted: sequence 0 "
-      "needs 3 free blocks (2 new, 1 copy-on-write copies of shared blocks) to hold 70 "
-      "tokens; 1 of the pool's 4 blocks of 16 tokens are free"));
+  CHECK(contains(message_of<daedalus::CapacityError>(
+                     [&] { cache.write(a, 40, view(random.uniform(30 * D))); }),
+                 "daedalus::PagedLatentCache::write: the block pool is exhausted: sequence 0 "
+                 "needs 3 free blocks (2 new, 1 copy-on-write copies of shared blocks) to hold 70 "
+                 "tokens; 1 of the pool's 4 blocks of 16 tokens are free"));
   CHECK(unchanged());
   // A write into the shared partial block needs a copy and a new block: only one is free.
-  CHECK_THROWS_AS(cache.append(shared, view(random.uniform(9 * D))), daedalus::CapacityError);
+  CHECK_THROWS_AS(cache.write(shared, 40, view(random.uniform(9 * D))), daedalus::CapacityError);
   CHECK(unchanged());
   CHECK_THROWS_AS(allocator.append(a, 100), daedalus::CapacityError);
   CHECK_THROWS_AS(allocator.resize(shared, 100), daedalus::CapacityError);
@@ -288,7 +288,7 @@ TEST_CASE("BlockAllocator and PagedLatentCache: bad input throws a typed error, 
   // Released and unknown sequences.
   CHECK(contains(
       message_of<daedalus::OutOfRange>([&] { cache.append(released, view(random.uniform(D))); }),
-      "daedalus::PagedLatentCache::write: sequence 1 was released; expected a live "
+      "daedalus::PagedLatentCache::append: sequence 1 was released; expected a live "
       "sequence id"));
   CHECK(contains(message_of<daedalus::OutOfRange>([&] { allocator.fork(99); }),
                  "daedalus::BlockAllocator::fork: sequence 99 was never added"));
@@ -314,7 +314,7 @@ TEST_CASE("BlockAllocator and PagedLatentCache: bad input throws a typed error, 
   // Shapes and values.
   std::vector<float> wide = random.uniform(2 * (D + 1));
   CHECK(contains(message_of<daedalus::InvalidArgument>([&] {
-                   cache.append(a, HostView<const float, 2>(wide.data(), {2, D + 1}));
+                   cache.write(a, 0, HostView<const float, 2>(wide.data(), {2, D + 1}));
                  }),
                  "'rows' has extents [2,49]; expected [2,48]"));
   std::vector<float> poisoned = random.uniform(3 * D);
@@ -377,4 +377,52 @@ TEST_CASE("BlockAllocator::check_writes agrees with applying the writes one by o
   // Both outcomes occur, so the agreement means something.
   CHECK(passed > 30);
   CHECK(refused > 30);
+}
+
+TEST_CASE("BlockAllocator: pools keep their allocator alive, so either may be destroyed first") {
+  // An engine's struct that declares its pools before the allocator destroys the allocator
+  // first. Each pool holds a handle of the allocator's state: it keeps working and unregisters
+  // cleanly (under AddressSanitizer a pool reaching a freed allocator is a reported error).
+  Random rng(71);
+  const std::vector<float> rows = rng.uniform(std::size_t(20) * D);
+  std::vector<Fp32Cache> pools;
+  index_t seq = -1;
+  {
+    BlockAllocator allocator(8, kBlock);
+    pools.emplace_back(allocator);
+    pools.emplace_back(allocator);
+    seq = allocator.add_sequence();
+    CHECK(pools[0].allocator() == allocator);
+    CHECK(allocator.num_pools() == 2);
+  }
+  pools[0].write(seq, 0, view(rows));
+  pools[1].write(seq, 0, view(rows));
+  BlockAllocator allocator = pools[0].allocator();
+  CHECK(allocator == pools[1].allocator());
+  CHECK(allocator.length(seq) == 20);
+  const index_t child = allocator.fork(seq, 10);
+  // The write copies the shared block in both pools (the 10 rows before it), then writes pool 1.
+  pools[1].write(child, 10, view(std::vector<float>(rows.begin() + 10 * D, rows.begin() + 12 * D)));
+  CHECK(pools[1].rows(child) == std::vector<float>(rows.begin(), rows.begin() + 12 * D));
+  const std::vector<float> copied = pools[0].rows(child);
+  CHECK(std::vector<float>(copied.begin(), copied.begin() + 10 * D) ==
+        std::vector<float>(rows.begin(), rows.begin() + 10 * D));
+  CHECK(pools[0].rows(seq) == rows);
+  pools.pop_back();
+  CHECK(allocator.num_pools() == 1);
+  pools.clear();
+  CHECK(allocator.num_pools() == 0);
+  CHECK(allocator.length(child) == 12);
+}
+
+TEST_CASE("BlockAllocator: a pool made from a temporary handle shares the allocator") {
+  std::vector<Fp32Cache> pools;
+  pools.emplace_back(BlockAllocator(4, kBlock));
+  BlockAllocator allocator = pools[0].allocator();
+  CHECK(allocator.num_pools() == 1);
+  const index_t seq = allocator.add_sequence();
+  Random rng(72);
+  pools[0].write(seq, 0, view(rng.uniform(std::size_t(3) * D)));
+  CHECK(pools[0].length(seq) == 3);
+  CHECK(allocator.num_free_blocks() == 3);
 }

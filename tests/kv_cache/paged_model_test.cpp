@@ -250,9 +250,9 @@ struct Harness {
           row[std::size_t(random.integer(0, D - 1))] = std::nanf("");
           // Capacity is checked before values: a full pool reports that first.
           if (write_fits(seq, allocator.length(seq), 1))
-            REQUIRE_THROWS_AS(fp8.append(seq, one), daedalus::NumericError);
+            REQUIRE_THROWS_AS(fp8.write(seq, allocator.length(seq), one), daedalus::NumericError);
           else
-            REQUIRE_THROWS_AS(fp8.append(seq, one), daedalus::CapacityError);
+            REQUIRE_THROWS_AS(fp8.write(seq, allocator.length(seq), one), daedalus::CapacityError);
           break;
       }
       REQUIRE(AllocatorSnapshot(allocator) == before);

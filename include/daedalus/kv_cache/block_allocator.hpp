@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <unordered_map>
@@ -23,6 +24,35 @@ struct BlockTable {
   std::vector<std::int32_t> seqlens;  // [batch]
 
   [[nodiscard]] index_t batch() const { return index_t(seqlens.size()); }
+};
+
+/// The positions one step of a model writes, reserved once for all of its layers by
+/// BlockAllocator::reserve: entry b covers positions [start_positions()[b],
+/// start_positions()[b] + tokens()) of sequence sequences()[b], whose length the reservation set
+/// to the end of that range. Layers given the reservation (mla::decode, mla::prefill) write
+/// exactly these rows into their own pools and never move a length, so every layer sees the same
+/// sequences. A reservation is stale once one of its sequences changes again (another
+/// reservation or write of it, a fork of it, a truncation, its release): the layers then refuse it
+/// with a typed error instead of writing rows the allocator no longer holds for them.
+class SlotReservation {
+ public:
+  /// Sequences in the reservation, each named once.
+  [[nodiscard]] index_t batch() const { return index_t(seqs_.size()); }
+  /// New positions per sequence (1 for a decode step; q_len for speculative decoding; a chunk's
+  /// length for prefill).
+  [[nodiscard]] index_t tokens() const { return tokens_; }
+  /// [batch] the sequence ids, in the order the step's activations are laid out.
+  [[nodiscard]] std::span<const index_t> sequences() const { return seqs_; }
+  /// [batch] the first reserved position of each sequence.
+  [[nodiscard]] std::span<const index_t> start_positions() const { return starts_; }
+
+ private:
+  friend class BlockAllocator;
+  const void* owner_ = nullptr;  // the allocator's shared state
+  index_t tokens_ = 0;
+  std::vector<index_t> seqs_;
+  std::vector<index_t> starts_;
+  std::vector<std::uint64_t> versions_;  // each sequence's version right after the reservation
 };
 
 namespace detail {
@@ -54,59 +84,71 @@ class BlockPoolHook {
 /// were. Sequence ids are never reused, so a released id stays invalid. Not thread-safe: one
 /// thread schedules, as in a serving engine.
 ///
-/// Pools keep a pointer to their allocator: the allocator must outlive them (it is neither
-/// copyable nor movable for that reason).
+/// A BlockAllocator is a handle: copies refer to the same allocator, and every pool registered
+/// with it keeps one, so the allocator lives as long as its last handle. Pools and the
+/// allocator object a user made may be destroyed in any order.
+///
+/// One step of a multi-layer model reserves its positions once, with `reserve`: the sequences'
+/// lengths advance once, new blocks are taken and shared blocks copied (in every layer's pool)
+/// once, and each layer then writes exactly the reserved rows (vLLM computes one slot mapping per
+/// step for all layers the same way).
 class BlockAllocator {
  public:
   /// A pool of `num_blocks` blocks of `block_size` tokens each.
   /// @throws InvalidArgument when num_blocks is not in [0, 2^31) (block ids are int32, as in
   ///         FlashMLA's block_table) or block_size < 1.
   BlockAllocator(index_t num_blocks, index_t block_size)
-      : num_blocks_(check_num_blocks(num_blocks)), block_size_(check_block_size(block_size)) {
-    ref_counts_.assign(std::size_t(num_blocks_), 0);
-    free_.reserve(std::size_t(num_blocks_));
+      : s_(std::make_shared<State>(check_num_blocks(num_blocks), check_block_size(block_size))) {
+    s_->ref_counts.assign(std::size_t(s_->num_blocks), 0);
+    s_->free.reserve(std::size_t(s_->num_blocks));
     // Handed out from the back: block 0 first, so a fresh pool fills from its start.
-    for (index_t b = num_blocks_ - 1; b >= 0; --b) free_.push_back(std::int32_t(b));
+    for (index_t b = s_->num_blocks - 1; b >= 0; --b) s_->free.push_back(std::int32_t(b));
   }
 
-  BlockAllocator(const BlockAllocator&) = delete;
-  BlockAllocator& operator=(const BlockAllocator&) = delete;
+  /// Another handle of the same allocator (it shares the blocks, sequences and pools; nothing is
+  /// copied). There is no move: a moved-from handle would be one that cannot be used.
+  BlockAllocator(const BlockAllocator&) = default;
+  BlockAllocator& operator=(const BlockAllocator&) = default;
+  ~BlockAllocator() = default;
 
-  [[nodiscard]] index_t num_blocks() const { return num_blocks_; }
-  [[nodiscard]] index_t block_size() const { return block_size_; }
-  [[nodiscard]] index_t num_free_blocks() const { return index_t(free_.size()); }
-  [[nodiscard]] index_t num_used_blocks() const { return num_blocks_ - num_free_blocks(); }
+  /// True when both handles refer to the same allocator.
+  friend bool operator==(const BlockAllocator& a, const BlockAllocator& b) { return a.s_ == b.s_; }
+
+  [[nodiscard]] index_t num_blocks() const { return s_->num_blocks; }
+  [[nodiscard]] index_t block_size() const { return s_->block_size; }
+  [[nodiscard]] index_t num_free_blocks() const { return index_t(s_->free.size()); }
+  [[nodiscard]] index_t num_used_blocks() const { return s_->num_blocks - num_free_blocks(); }
   /// Blocks a sequence of `tokens` tokens occupies: ceil(tokens / block_size).
   [[nodiscard]] index_t blocks_for(index_t tokens) const {
-    return (tokens + block_size_ - 1) / block_size_;
+    return (tokens + s_->block_size - 1) / s_->block_size;
   }
 
   /// How many sequences hold block `block` (0 when it is free).
   /// @throws OutOfRange when block is not in [0, num_blocks).
   [[nodiscard]] std::int32_t ref_count(index_t block) const {
-    detail::require<OutOfRange>(block >= 0 && block < num_blocks_, kName,
+    detail::require<OutOfRange>(block >= 0 && block < s_->num_blocks, kName,
                                 "::ref_count: 'block' is ", block, "; expected a block id in [0, ",
-                                num_blocks_, ")");
-    return ref_counts_[std::size_t(block)];
+                                s_->num_blocks, ")");
+    return s_->ref_counts[std::size_t(block)];
   }
 
   /// Starts an empty sequence and returns its id (ids count up from 0 and are never reused).
   index_t add_sequence() {
-    const index_t id = next_id_;
-    sequences_.try_emplace(id);
-    ++next_id_;
+    const index_t id = s_->next_id;
+    s_->sequences.try_emplace(id);
+    ++s_->next_id;
     return id;
   }
 
   /// True when `seq` was added and not released.
-  [[nodiscard]] bool contains(index_t seq) const { return sequences_.count(seq) != 0; }
+  [[nodiscard]] bool contains(index_t seq) const { return s_->sequences.count(seq) != 0; }
   /// Live sequences.
-  [[nodiscard]] index_t num_sequences() const { return index_t(sequences_.size()); }
+  [[nodiscard]] index_t num_sequences() const { return index_t(s_->sequences.size()); }
   /// The ids of the live sequences, ascending.
   [[nodiscard]] std::vector<index_t> sequences() const {
     std::vector<index_t> ids;
-    ids.reserve(sequences_.size());
-    for (const auto& [id, sequence] : sequences_) ids.push_back(id);
+    ids.reserve(s_->sequences.size());
+    for (const auto& [id, sequence] : s_->sequences) ids.push_back(id);
     std::sort(ids.begin(), ids.end());
     return ids;
   }
@@ -136,10 +178,12 @@ class BlockAllocator {
     child.length = prefix_length;
     child.blocks.assign(parent.blocks.begin(),
                         parent.blocks.begin() + std::ptrdiff_t(blocks_for(prefix_length)));
-    const index_t id = next_id_;
-    sequences_.emplace(id, std::move(child));  // may throw bad_alloc: nothing changed yet
-    ++next_id_;
-    for (const std::int32_t b : sequences_.at(id).blocks) ++ref_counts_[std::size_t(b)];
+    const index_t id = s_->next_id;
+    s_->sequences.emplace(id, std::move(child));  // may throw bad_alloc: nothing changed yet
+    ++s_->next_id;
+    for (const std::int32_t b : s_->sequences.at(id).blocks) ++s_->ref_counts[std::size_t(b)];
+    // The parent's blocks are shared now: a reservation of it no longer holds them alone.
+    ++s_->sequences.find(seq)->second.version;
     return id;
   }
   /// A new sequence sharing all of `seq`'s tokens: fork(seq, length(seq)).
@@ -183,8 +227,63 @@ class BlockAllocator {
   /// @throws OutOfRange for a released or unknown sequence.
   void release(index_t seq) {
     live(seq, "release");
-    auto node = sequences_.extract(seq);
+    auto node = s_->sequences.extract(seq);
     for (const std::int32_t b : node.mapped().blocks) drop(b);
+  }
+
+  /// Reserves `tokens` new positions after the current length of each sequence of `seqs` for
+  /// one step of every layer: reserve(seqs, lengths, tokens).
+  SlotReservation reserve(std::span<const index_t> seqs, index_t tokens) {
+    std::vector<index_t> starts(seqs.size());
+    for (std::size_t b = 0; b < seqs.size(); ++b)
+      starts[b] = live_for(kReserve, seqs[b]).length;  // an unknown id is reported here
+    return reserve(seqs, starts, tokens);
+  }
+
+  /// Reserves positions [starts[b], starts[b] + tokens) of each sequence seqs[b] for one step of
+  /// every layer (a start below the length rewrites from there, as a recomputed chunk does):
+  /// each length becomes starts[b] + tokens, new blocks are taken, and shared blocks holding
+  /// reserved rows are copied in every registered pool, once, before any layer writes.
+  /// @throws InvalidArgument when the spans differ in size, a sequence is named twice or
+  ///         tokens < 0; OutOfRange for a released or unknown sequence or a start outside
+  ///         [0, length]; CapacityError when the pool lacks the blocks for the whole batch.
+  ///         Nothing changes when it throws.
+  SlotReservation reserve(std::span<const index_t> seqs, std::span<const index_t> starts,
+                          index_t tokens) {
+    for (std::size_t b = 0; b < seqs.size(); ++b)
+      for (std::size_t other = 0; other < b; ++other)
+        detail::require<InvalidArgument>(seqs[other] != seqs[b], kReserve,
+                                         ": 'seqs' names sequence ", seqs[b], " twice (entries ",
+                                         other, " and ", b, "); expected distinct ids");
+    check_writes(kReserve, seqs, starts, tokens);
+    SlotReservation slots;
+    slots.owner_ = s_.get();
+    slots.tokens_ = tokens;
+    slots.seqs_.assign(seqs.begin(), seqs.end());
+    slots.starts_.assign(starts.begin(), starts.end());
+    slots.versions_.resize(seqs.size());
+    for (std::size_t b = 0; b < seqs.size(); ++b) {
+      set_length(kReserve, seqs[b], starts[b], starts[b] + tokens);
+      slots.versions_[b] = s_->sequences.find(seqs[b])->second.version;
+    }
+    return slots;
+  }
+
+  /// Throws unless `slots` was reserved on this allocator and none of its sequences changed
+  /// since. Messages start with `caller`.
+  /// @throws InvalidArgument for a reservation of another allocator or a stale one; OutOfRange
+  ///         when one of its sequences was released.
+  void check_reservation(std::string_view caller, const SlotReservation& slots) const {
+    detail::require<InvalidArgument>(slots.owner_ == s_.get(), caller,
+                                     ": 'slots' was reserved on another BlockAllocator; expected "
+                                     "a reservation of the cache's allocator");
+    for (std::size_t b = 0; b < slots.seqs_.size(); ++b) {
+      const Sequence& sequence = live_for(caller, slots.seqs_[b]);
+      detail::require<InvalidArgument>(
+          sequence.version == slots.versions_[b], caller, ": 'slots' is stale: sequence ",
+          slots.seqs_[b], " changed after the reservation (it holds ", sequence.length,
+          " tokens); reserve the step again (BlockAllocator::reserve)");
+    }
   }
 
   /// Checks what prepare_write(seq, start_pos, n) would check, without changing anything.
@@ -222,7 +321,7 @@ class BlockAllocator {
     std::unordered_map<std::int32_t, std::int32_t> refs;  // reference counts the batch changed
     const auto ref = [&](std::int32_t block) {
       const auto it = refs.find(block);
-      return it != refs.end() ? it->second : ref_counts_[std::size_t(block)];
+      return it != refs.end() ? it->second : s_->ref_counts[std::size_t(block)];
     };
     index_t free = num_free_blocks();
     index_t needed = 0;
@@ -242,8 +341,8 @@ class BlockAllocator {
         detail::require<CapacityError>(
             free > 0, caller, ": the block pool is exhausted: the batch's writes need at least ",
             needed, " free blocks (new blocks and copy-on-write copies) by entry ", i,
-            " (sequence ", seq, "); ", num_free_blocks(), " of the pool's ", num_blocks_,
-            " blocks of ", block_size_, " tokens are free");
+            " (sequence ", seq, "); ", num_free_blocks(), " of the pool's ", s_->num_blocks,
+            " blocks of ", s_->block_size, " tokens are free");
         --free;
         const std::int32_t block = next_block--;  // negative: never a real block id
         refs[block] = 1;
@@ -305,7 +404,7 @@ class BlockAllocator {
     out.table.assign(seqs.size() * std::size_t(max_blocks), -1);
     out.seqlens.resize(seqs.size());
     for (std::size_t b = 0; b < seqs.size(); ++b) {
-      const Sequence& sequence = sequences_.at(seqs[b]);
+      const Sequence& sequence = s_->sequences.at(seqs[b]);
       std::copy(sequence.blocks.begin(), sequence.blocks.end(),
                 out.table.begin() + std::ptrdiff_t(b * std::size_t(max_blocks)));
       out.seqlens[b] = std::int32_t(sequence.length);
@@ -314,21 +413,35 @@ class BlockAllocator {
 
   /// Pools call these from their constructors and destructors so that copy-on-write reaches
   /// every layer. Not for other callers.
-  void register_pool(detail::BlockPoolHook* pool) { pools_.push_back(pool); }
+  void register_pool(detail::BlockPoolHook* pool) { s_->pools.push_back(pool); }
   void unregister_pool(detail::BlockPoolHook* pool) {
-    pools_.erase(std::remove(pools_.begin(), pools_.end(), pool), pools_.end());
+    s_->pools.erase(std::remove(s_->pools.begin(), s_->pools.end(), pool), s_->pools.end());
   }
   void replace_pool(detail::BlockPoolHook* from, detail::BlockPoolHook* to) {
-    std::replace(pools_.begin(), pools_.end(), from, to);
+    std::replace(s_->pools.begin(), s_->pools.end(), from, to);
   }
-  [[nodiscard]] index_t num_pools() const { return index_t(pools_.size()); }
+  [[nodiscard]] index_t num_pools() const { return index_t(s_->pools.size()); }
+
+  /// Throws InvalidArgument, with a message starting with `caller`, when more than one pool is
+  /// registered: an operation that appends at a sequence's length would then run once per layer
+  /// and advance the sequence once per layer.
+  void require_single_pool(std::string_view caller) const {
+    detail::require<InvalidArgument>(
+        s_->pools.size() <= 1, caller, ": the cache's BlockAllocator serves ", s_->pools.size(),
+        " layer pools, which share sequence lengths, so appending at a sequence's length would "
+        "advance it once per layer; expected one pool. Reserve the step once for every layer "
+        "(BlockAllocator::reserve) and pass the SlotReservation to each layer, or write at "
+        "explicit positions");
+  }
 
  private:
   static constexpr std::string_view kName = "daedalus::BlockAllocator";
+  static constexpr std::string_view kReserve = "daedalus::BlockAllocator::reserve";
 
   struct Sequence {
     index_t length = 0;
     std::vector<std::int32_t> blocks;  // blocks_for(length) ids in token order
+    std::uint64_t version = 0;         // counts the changes of length, blocks or their sharing
   };
 
   /// What moving a sequence to `new_length`, writing rows [write_start, new_length), takes.
@@ -352,9 +465,9 @@ class BlockAllocator {
   }
 
   const Sequence& live_for(std::string_view caller, index_t seq) const {
-    const auto it = sequences_.find(seq);
-    if (it == sequences_.end()) {
-      const bool released = seq >= 0 && seq < next_id_;
+    const auto it = s_->sequences.find(seq);
+    if (it == s_->sequences.end()) {
+      const bool released = seq >= 0 && seq < s_->next_id;
       throw OutOfRange(detail::message(caller, ": sequence ", seq,
                                        released ? " was released" : " was never added",
                                        "; expected a live sequence id"));
@@ -362,15 +475,15 @@ class BlockAllocator {
     return it->second;
   }
   const Sequence& live(index_t seq, std::string_view function) const {
-    const auto it = sequences_.find(seq);
-    if (it != sequences_.end()) return it->second;
+    const auto it = s_->sequences.find(seq);
+    if (it != s_->sequences.end()) return it->second;
     return live_for(detail::message(kName, "::", function), seq);
   }
 
   /// The first block holding a row of [write_start, new_length); past the kept blocks when the
   /// range is empty (a truncation writes nothing and copies nothing).
   index_t first_written_block(index_t write_start, index_t new_length) const {
-    return write_start < new_length ? write_start / block_size_ : blocks_for(new_length);
+    return write_start < new_length ? write_start / s_->block_size : blocks_for(new_length);
   }
 
   Need need_for(const Sequence& sequence, index_t write_start, index_t new_length) const {
@@ -378,9 +491,9 @@ class BlockAllocator {
     const index_t have = index_t(sequence.blocks.size());
     const index_t keep = blocks_for(new_length);
     for (index_t j = keep; j < have; ++j)
-      if (ref_counts_[std::size_t(sequence.blocks[std::size_t(j)])] == 1) ++need.freed;
+      if (s_->ref_counts[std::size_t(sequence.blocks[std::size_t(j)])] == 1) ++need.freed;
     for (index_t j = first_written_block(write_start, new_length); j < std::min(keep, have); ++j)
-      if (ref_counts_[std::size_t(sequence.blocks[std::size_t(j)])] > 1) ++need.copies;
+      if (s_->ref_counts[std::size_t(sequence.blocks[std::size_t(j)])] > 1) ++need.copies;
     need.new_blocks = std::max<index_t>(0, keep - have);
     return need;
   }
@@ -389,22 +502,24 @@ class BlockAllocator {
                       index_t write_start, index_t new_length) const {
     const Need need = need_for(sequence, write_start, new_length);
     const index_t available = num_free_blocks() + need.freed;
-    detail::require<CapacityError>(
-        need.new_blocks + need.copies <= available, caller,
-        ": the block pool is exhausted: "
-        "sequence ",
-        seq, " needs ", need.new_blocks + need.copies, " free blocks (", need.new_blocks, " new, ",
-        need.copies, " copy-on-write copies of shared blocks) to hold ", new_length, " tokens; ",
-        available, " of the pool's ", num_blocks_, " blocks of ", block_size_, " tokens are free");
+    detail::require<CapacityError>(need.new_blocks + need.copies <= available, caller,
+                                   ": the block pool is exhausted: "
+                                   "sequence ",
+                                   seq, " needs ", need.new_blocks + need.copies, " free blocks (",
+                                   need.new_blocks, " new, ", need.copies,
+                                   " copy-on-write copies of shared blocks) to hold ", new_length,
+                                   " tokens; ", available, " of the pool's ", s_->num_blocks,
+                                   " blocks of ", s_->block_size, " tokens are free");
   }
 
   /// Moves `seq` to `new_length` with rows [write_start, new_length) about to be written; checks
   /// capacity first, then cannot fail.
   void set_length(std::string_view caller, index_t seq, index_t write_start, index_t new_length) {
-    Sequence& sequence = sequences_.find(seq)->second;
+    Sequence& sequence = s_->sequences.find(seq)->second;
     check_capacity(caller, seq, sequence, write_start, new_length);
     const index_t keep = blocks_for(new_length);
     sequence.blocks.reserve(std::size_t(keep));  // the only allocation; before any change
+    bool changed = sequence.length != new_length || index_t(sequence.blocks.size()) != keep;
     while (index_t(sequence.blocks.size()) > keep) {
       drop(sequence.blocks.back());
       sequence.blocks.pop_back();
@@ -412,36 +527,46 @@ class BlockAllocator {
     for (index_t j = first_written_block(write_start, new_length);
          j < index_t(sequence.blocks.size()); ++j) {
       std::int32_t& block = sequence.blocks[std::size_t(j)];
-      if (ref_counts_[std::size_t(block)] == 1) continue;
+      if (s_->ref_counts[std::size_t(block)] == 1) continue;
       const std::int32_t copy = take();
       // Only the rows before the write survive it; rows from write_start on are rewritten.
-      const index_t rows = std::clamp<index_t>(write_start - j * block_size_, 0, block_size_);
+      const index_t rows = std::clamp<index_t>(write_start - j * s_->block_size, 0, s_->block_size);
       if (rows > 0)
-        for (detail::BlockPoolHook* pool : pools_) pool->copy_block_rows(copy, block, rows);
+        for (detail::BlockPoolHook* pool : s_->pools) pool->copy_block_rows(copy, block, rows);
       drop(block);
       block = copy;
+      changed = true;
     }
     while (index_t(sequence.blocks.size()) < keep) sequence.blocks.push_back(take());
     sequence.length = new_length;
+    // A write that finds its rows already reserved (every layer after the first, in a step)
+    // changes nothing and leaves the version, so the step's reservation stays current.
+    if (changed) ++sequence.version;
   }
 
   std::int32_t take() {
-    const std::int32_t block = free_.back();
-    free_.pop_back();
-    ref_counts_[std::size_t(block)] = 1;
+    const std::int32_t block = s_->free.back();
+    s_->free.pop_back();
+    s_->ref_counts[std::size_t(block)] = 1;
     return block;
   }
   void drop(std::int32_t block) {
-    if (--ref_counts_[std::size_t(block)] == 0) free_.push_back(block);
+    if (--s_->ref_counts[std::size_t(block)] == 0) s_->free.push_back(block);
   }
 
-  index_t num_blocks_;
-  index_t block_size_;
-  std::vector<std::int32_t> ref_counts_;  // [num_blocks]
-  std::vector<std::int32_t> free_;        // stack of free block ids
-  std::unordered_map<index_t, Sequence> sequences_;
-  index_t next_id_ = 0;
-  std::vector<detail::BlockPoolHook*> pools_;
+  /// Everything the allocator knows, shared by every handle: the user's BlockAllocator and the
+  /// copy each registered pool keeps, so pools and allocator may be destroyed in any order.
+  struct State {
+    State(index_t blocks, index_t size) : num_blocks(blocks), block_size(size) {}
+    index_t num_blocks;
+    index_t block_size;
+    std::vector<std::int32_t> ref_counts;  // [num_blocks]
+    std::vector<std::int32_t> free;        // stack of free block ids
+    std::unordered_map<index_t, Sequence> sequences;
+    index_t next_id = 0;
+    std::vector<detail::BlockPoolHook*> pools;
+  };
+  std::shared_ptr<State> s_;
 };
 
 }  // namespace daedalus

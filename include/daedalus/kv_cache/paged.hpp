@@ -30,9 +30,12 @@ namespace daedalus {
 /// block table and the sequence lengths can be handed to a FlashMLA-style kernel as they are.
 ///
 /// The methods mirror ContiguousLatentCache (length, check_write, write, append) so the MLA
-/// front treats both alike. Lengths live in the allocator: with several layers each layer writes
-/// the same positions [start_pos, start_pos + n) and every write leaves the length at
-/// start_pos + n.
+/// front treats both alike. Lengths live in the allocator, shared by the layers: a step of a
+/// model of several layers reserves its positions once (BlockAllocator::reserve) and each layer
+/// writes exactly those (mla::decode and mla::prefill take the SlotReservation); a write at
+/// explicit positions [start_pos, start_pos + n) is the same for every layer too. Appending at a
+/// sequence's length is refused while the allocator serves more than one pool: the second layer
+/// would append after the first layer's rows.
 ///
 /// @tparam C         an MlaConfig
 /// @tparam Backend   where the pool lives; this header provides the host (CpuBackend) storage
@@ -62,11 +65,12 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   static constexpr std::size_t block_bytes = row_bytes * std::size_t(BlockSize);
 
   /// A pool of allocator.num_blocks() blocks, zero-filled, registered with `allocator` so that
-  /// its copy-on-write copies reach this pool. The allocator must outlive the cache.
+  /// its copy-on-write copies reach this pool. The cache keeps a handle of the allocator, so
+  /// either may be destroyed first.
   /// @throws InvalidArgument when allocator.block_size() != BlockSize.
-  explicit PagedLatentCache(BlockAllocator& allocator)
-      : allocator_(&check_allocator(allocator)), pool_(allocate(allocator.num_blocks())) {
-    allocator_->register_pool(this);
+  explicit PagedLatentCache(const BlockAllocator& allocator)
+      : allocator_(check_allocator(allocator)), pool_(allocate(allocator.num_blocks())) {
+    allocator_.register_pool(this);
   }
 
   PagedLatentCache(const PagedLatentCache&) = delete;
@@ -75,15 +79,16 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   /// Moves the pool; the allocator then copies on write into the new object.
   PagedLatentCache(PagedLatentCache&& other) noexcept
       : BlockPoolHook(other), allocator_(other.allocator_), pool_(std::move(other.pool_)) {
-    allocator_->replace_pool(&other, this);
-    other.allocator_ = nullptr;
+    allocator_.replace_pool(&other, this);
+    other.registered_ = false;
   }
   ~PagedLatentCache() {
-    if (allocator_ != nullptr) allocator_->unregister_pool(this);
+    if (registered_) allocator_.unregister_pool(this);
   }
 
-  [[nodiscard]] BlockAllocator& allocator() const { return *allocator_; }
-  [[nodiscard]] index_t num_blocks() const { return allocator_->num_blocks(); }
+  /// A handle of the allocator this pool is registered with.
+  [[nodiscard]] BlockAllocator allocator() const { return allocator_; }
+  [[nodiscard]] index_t num_blocks() const { return allocator_.num_blocks(); }
   /// Bytes of one cached token in this pool (row_bytes).
   static constexpr std::size_t bytes_per_token() { return row_bytes; }
   /// Bytes the pool holds allocated.
@@ -105,7 +110,7 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   /// @throws OutOfRange for a released or unknown sequence.
   [[nodiscard]] PagedLatentView<C, Storage, BlockSize> view(std::span<const index_t> seqs,
                                                             BlockTable& storage) const {
-    allocator_->block_table(seqs, storage);
+    allocator_.block_table(seqs, storage);
     return {pool_data(), num_blocks(),
             HostView<const std::int32_t, 2>(storage.table.data(),
                                             {storage.batch(), storage.max_blocks}),
@@ -113,14 +118,14 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   }
 
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
-  [[nodiscard]] index_t length(index_t seq) const { return allocator_->length(seq); }
+  [[nodiscard]] index_t length(index_t seq) const { return allocator_.length(seq); }
 
   /// Checks what `write(seq, start_pos, rows of n)` would check, without writing: the sequence is
   /// live, start_pos lies in [0, length(seq)], and the pool has the free blocks the write needs,
   /// copy-on-write copies included. Messages start with `caller`.
   /// @throws OutOfRange, InvalidArgument or CapacityError as write does.
   void check_write(std::string_view caller, index_t seq, index_t start_pos, index_t n) const {
-    allocator_->check_write(caller, seq, start_pos, n);
+    allocator_.check_write(caller, seq, start_pos, n);
   }
 
   /// Writes `rows` ([n, latent_dim], fp32, converted to the row format) at positions
@@ -141,8 +146,8 @@ class PagedLatentCache final : private detail::BlockPoolHook {
                                            i % latent_dim));
       }
     }
-    allocator_->prepare_write(kWrite, seq, start_pos, n);
-    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    allocator_.prepare_write(kWrite, seq, start_pos, n);
+    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
     for (index_t i = 0; i < n; ++i) {
       const index_t pos = start_pos + i;
       format::encode(rows.data() + i * latent_dim,
@@ -151,8 +156,11 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   }
 
   /// Appends `rows` ([n, latent_dim]) after the tokens of sequence `seq`.
+  /// @throws InvalidArgument when the allocator serves more than one pool (layers share lengths:
+  ///         write at explicit positions, or reserve the step); otherwise as write.
   void append(index_t seq, HostView<const float, 2> rows) {
-    allocator_->check_live(kWrite, seq);
+    allocator_.check_live(kAppend, seq);
+    allocator_.require_single_pool(kAppend);
     write(seq, length(seq), rows);
   }
 
@@ -160,13 +168,13 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   /// @throws OutOfRange for a released or unknown sequence or a range outside [0, length(seq));
   ///         InvalidArgument for a bad shape.
   void read(index_t seq, index_t start_pos, HostView<float, 2> out) const {
-    const index_t length = allocator_->length(seq);
+    const index_t length = allocator_.length(seq);
     const index_t n = out.extent(0);
     detail::require<OutOfRange>(
         start_pos >= 0 && n >= 0 && start_pos + n <= length, kRead, ": tokens [", start_pos, ", ",
         start_pos + n, ") are not all in sequence ", seq, ", which holds ", length, " tokens");
     detail::check_extents(kRead, "out", out, {n, latent_dim});
-    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
     for (index_t i = 0; i < n; ++i) {
       const index_t pos = start_pos + i;
       format::decode(row_pointer(blocks[std::size_t(pos / BlockSize)], pos % BlockSize),
@@ -185,13 +193,14 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   static constexpr std::string_view kName = "daedalus::PagedLatentCache";
   static constexpr std::string_view kWrite = "daedalus::PagedLatentCache::write";
   static constexpr std::string_view kRead = "daedalus::PagedLatentCache::read";
+  static constexpr std::string_view kAppend = "daedalus::PagedLatentCache::append";
 
   struct AlignedDelete {
     void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{64}); }
   };
   using Pool = std::unique_ptr<std::byte[], AlignedDelete>;
 
-  static BlockAllocator& check_allocator(BlockAllocator& allocator) {
+  static const BlockAllocator& check_allocator(const BlockAllocator& allocator) {
     detail::require<InvalidArgument>(allocator.block_size() == BlockSize, kName,
                                      ": the allocator's block_size is ", allocator.block_size(),
                                      "; expected ", BlockSize, " (the cache's BlockSize)");
@@ -212,7 +221,8 @@ class PagedLatentCache final : private detail::BlockPoolHook {
     std::memcpy(mutable_row(dst, 0), row_pointer(src, 0), std::size_t(rows) * row_bytes);
   }
 
-  BlockAllocator* allocator_;
+  BlockAllocator allocator_;  // a handle: the allocator lives at least as long as this pool
+  bool registered_ = true;    // false once moved from
   Pool pool_;
 };
 

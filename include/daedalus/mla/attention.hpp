@@ -371,7 +371,9 @@ void paged_decode(const Backend& backend, const Weights& weights,
         index_t(start_positions->size()) == batch, fn, ": 'start_positions' has ",
         start_positions->size(), " entries; expected ", batch, " (one per entry of 'seqs')");
   }
-  const BlockAllocator& allocator = cache.allocator();
+  const BlockAllocator allocator = cache.allocator();
+  // Appending at each length is one layer's step; every further layer would append again.
+  if (!start_positions) allocator.require_single_pool(fn);
   detail::require_distinct_sequences(fn, seqs);
   std::vector<index_t> starts(seqs.size());
   for (index_t b = 0; b < batch; ++b) {
@@ -390,6 +392,21 @@ void paged_decode(const Backend& backend, const Weights& weights,
   MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
   MlaImpl<C, Backend>::forward(backend, weights, cache, seqs, starts, q_len, x.data(), out.data(),
                                mode);
+}
+
+/// One layer's forward pass over slots reserved for the step (BlockAllocator::reserve): the
+/// reservation is checked to be this cache's allocator's and current, then the layer writes its
+/// rows at the reserved positions (the allocator has nothing left to do for them: the blocks
+/// are taken and the lengths set) and attends.
+template <class Backend, class Weights, MlaConfig C, class Storage, int BlockSize>
+void reserved_forward(std::string_view fn, const Backend& backend, const Weights& weights,
+                      PagedLatentCache<C, Backend, Storage, BlockSize>& cache,
+                      const SlotReservation& slots, index_t q_len, const float* x, float* out,
+                      AttentionMode mode) {
+  cache.allocator().check_reservation(fn, slots);
+  MlaImpl<C, Backend>::require_cache(backend, fn, cache);
+  MlaImpl<C, Backend>::forward(backend, weights, cache, slots.sequences(), slots.start_positions(),
+                               q_len, x, out, mode);
 }
 }  // namespace detail
 
@@ -426,12 +443,15 @@ void prefill(const Backend& backend, const Weights& weights,
 /// overload; the batch is read through the sequences' block tables. Pool capacity is checked for
 /// the whole batch before anything is written (BlockAllocator::check_writes: new blocks and
 /// copy-on-write copies, counted exactly). The new tokens go at length(seq) of each sequence.
-/// That is right for a model of one layer; layers that share an allocator share lengths, so a
-/// model of several layers uses the overload with explicit start positions below.
+/// That is right for a model of one layer; layers that share an allocator share lengths, so
+/// while the allocator serves more than one pool this overload refuses to run (it would advance
+/// each sequence once per layer): a model of several layers reserves the step once
+/// (`BlockAllocator::reserve`) and passes the SlotReservation to every layer.
 ///
-/// @throws InvalidArgument (extents, repeated sequence id), OutOfRange (released or unknown
-///         sequence), CapacityError (the pool lacks free blocks), NumericError (non-finite x).
-///         The cache and allocator are unchanged when it throws.
+/// @throws InvalidArgument (extents, repeated sequence id, an allocator serving several pools),
+///         OutOfRange (released or unknown sequence), CapacityError (the pool lacks free
+///         blocks), NumericError (non-finite x). The cache and allocator are unchanged when it
+///         throws.
 template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
 void decode(const Backend& backend, const Weights& weights,
             PagedLatentCache<C, Backend, Storage, BlockSize>& cache, std::span<const index_t> seqs,
@@ -445,9 +465,10 @@ void decode(const Backend& backend, const Weights& weights,
 /// `decode` at explicit positions, for a model whose layers share one BlockAllocator: the new
 /// tokens of sequence b go at start_positions[b] .. start_positions[b] + q_len - 1, and its length
 /// becomes start_positions[b] + q_len (rows at and past the start are overwritten, as in
-/// `prefill`). A decode step of an L-layer model reads each sequence's length once before the
-/// step and passes it to every layer: the first layer allocates the new slots (and copies shared
-/// blocks, in every layer's pool), the later layers write the same slots in their own pools.
+/// `prefill`). Every layer given the same positions writes the same slots: the first allocates
+/// them (and copies shared blocks, in every layer's pool), the later ones find them allocated.
+/// The SlotReservation overload below does the same with the positions reserved once per step
+/// and checked to still be current at every layer; it is the form a model's step loop uses.
 ///
 /// @param start_positions [batch] each in [0, length(seqs[b])]
 /// @throws as the overload above, and OutOfRange for a start position outside [0, length] or
@@ -462,6 +483,64 @@ void decode(const Backend& backend, const Weights& weights,
             AttentionMode mode = AttentionMode::absorbed) {
   detail::require_weights<Backend, Weights, C>();
   detail::paged_decode(backend, weights, cache, seqs, start_positions, x, out, mode);
+}
+
+/// One layer's share of a decode step whose positions were reserved once for every layer
+/// (`BlockAllocator::reserve(seqs, q_len)`): the new tokens of entry b go at
+/// slots.start_positions()[b] .. + q_len - 1 of slots.sequences()[b], and each attends causally
+/// over its sequence. The lengths were set by the reservation; no layer moves them, so an
+/// L-layer step is one reserve and L calls of this overload, every layer writing the same
+/// positions into its own pool.
+///
+/// @param slots [batch] entries of slots.tokens() = q_len new positions each
+/// @param x     [batch, q_len, dim], in the order of slots.sequences()
+/// @param out   [batch, q_len, dim] out
+/// @throws InvalidArgument (extents; a reservation of another allocator, or a stale one: one of
+///         its sequences changed after it), OutOfRange (a sequence released since),
+///         NumericError (non-finite x). The cache is unchanged when it throws.
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
+void decode(const Backend& backend, const Weights& weights,
+            PagedLatentCache<C, Backend, Storage, BlockSize>& cache, const SlotReservation& slots,
+            TensorView<const float, 3, typename Backend::memory_space> x,
+            TensorView<float, 3, typename Backend::memory_space> out,
+            AttentionMode mode = AttentionMode::absorbed) {
+  detail::require_weights<Backend, Weights, C>();
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::decode";
+  daedalus::detail::check_extents(fn, "x", x, {slots.batch(), slots.tokens(), S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {slots.batch(), slots.tokens(), S::dim});
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
+  detail::reserved_forward(fn, backend, weights, cache, slots, slots.tokens(), x.data(), out.data(),
+                           mode);
+}
+
+/// One layer's share of a prefill chunk whose positions were reserved once for every layer
+/// (`BlockAllocator::reserve` of one sequence: the chunk's tokens() positions from its start):
+/// the semantics of `prefill` at start_pos = slots.start_positions()[0].
+///
+/// @param slots a reservation of one sequence
+/// @param x     [slots.tokens(), dim]
+/// @param out   [slots.tokens(), dim] out (may not alias x)
+/// @throws InvalidArgument (extents; a reservation of more than one sequence, of another
+///         allocator, or a stale one), OutOfRange (its sequence released since), NumericError
+///         (non-finite x). The cache is unchanged when it throws.
+template <class Backend, detail::LayerWeights Weights, MlaConfig C, class Storage, int BlockSize>
+void prefill(const Backend& backend, const Weights& weights,
+             PagedLatentCache<C, Backend, Storage, BlockSize>& cache, const SlotReservation& slots,
+             TensorView<const float, 2, typename Backend::memory_space> x,
+             TensorView<float, 2, typename Backend::memory_space> out,
+             AttentionMode mode = AttentionMode::naive) {
+  detail::require_weights<Backend, Weights, C>();
+  using S = MlaShape<C>;
+  constexpr std::string_view fn = "daedalus::mla::prefill";
+  daedalus::detail::require<InvalidArgument>(
+      slots.batch() == 1, fn, ": 'slots' reserves ", slots.batch(),
+      " sequences; expected 1 (a prefill chunk is one sequence's; decode takes a batch)");
+  daedalus::detail::check_extents(fn, "x", x, {slots.tokens(), S::dim});
+  daedalus::detail::check_extents(fn, "out", out, {slots.tokens(), S::dim});
+  detail::MlaImpl<C, Backend>::require_finite(backend, fn, "x", x);
+  detail::reserved_forward(fn, backend, weights, cache, slots, slots.tokens(), x.data(), out.data(),
+                           mode);
 }
 
 }  // namespace daedalus::mla

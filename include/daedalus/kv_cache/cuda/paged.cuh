@@ -80,18 +80,18 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   static constexpr std::size_t block_bytes = row_bytes * std::size_t(BlockSize);
 
   /// A device pool of allocator.num_blocks() blocks, zero-filled on the backend's stream, and
-  /// registered with `allocator` so that its copy-on-write copies reach this pool. The allocator
-  /// must outlive the cache.
+  /// registered with `allocator` so that its copy-on-write copies reach this pool. The cache keeps
+  /// a handle of the allocator, so either may be destroyed first.
   /// @throws InvalidArgument when allocator.block_size() != BlockSize; CudaError when the pool
   ///         cannot be allocated.
-  explicit PagedLatentCache(BlockAllocator& allocator, const CudaBackend& backend = {})
-      : allocator_(&check_allocator(allocator)),
+  explicit PagedLatentCache(const BlockAllocator& allocator, const CudaBackend& backend = {})
+      : allocator_(check_allocator(allocator)),
         backend_(backend),
         pool_(std::size_t(allocator.num_blocks()) * block_bytes),
         flag_(1) {
     if (pool_.bytes() > 0)
       DAEDALUS_CUDA_CHECK(cudaMemsetAsync(pool_.data(), 0, pool_.bytes(), backend_.stream()));
-    allocator_->register_pool(this);
+    allocator_.register_pool(this);
   }
 
   PagedLatentCache(const PagedLatentCache&) = delete;
@@ -106,16 +106,17 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
         flag_(std::move(other.flag_)),
         dst_rows_(std::move(other.dst_rows_)),
         copy_error_(other.copy_error_) {
-    allocator_->replace_pool(&other, this);
-    other.allocator_ = nullptr;
+    allocator_.replace_pool(&other, this);
+    other.registered_ = false;
   }
   ~PagedLatentCache() {
-    if (allocator_ != nullptr) allocator_->unregister_pool(this);
+    if (registered_) allocator_.unregister_pool(this);
   }
 
   [[nodiscard]] const CudaBackend& backend() const { return backend_; }
-  [[nodiscard]] BlockAllocator& allocator() const { return *allocator_; }
-  [[nodiscard]] index_t num_blocks() const { return allocator_->num_blocks(); }
+  /// A handle of the allocator this pool is registered with.
+  [[nodiscard]] BlockAllocator allocator() const { return allocator_; }
+  [[nodiscard]] index_t num_blocks() const { return allocator_.num_blocks(); }
   /// Bytes of one cached token in this pool (row_bytes).
   static constexpr std::size_t bytes_per_token() { return row_bytes; }
   /// Bytes the pool holds allocated on the device.
@@ -132,12 +133,12 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   }
 
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
-  [[nodiscard]] index_t length(index_t seq) const { return allocator_->length(seq); }
+  [[nodiscard]] index_t length(index_t seq) const { return allocator_.length(seq); }
 
   /// Checks what `write(seq, start_pos, rows of n)` would check, without writing (host only).
   /// @throws OutOfRange, InvalidArgument or CapacityError as write does.
   void check_write(std::string_view caller, index_t seq, index_t start_pos, index_t n) const {
-    allocator_->check_write(caller, seq, start_pos, n);
+    allocator_.check_write(caller, seq, start_pos, n);
   }
 
   /// Writes `rows` ([n, latent_dim] fp32 in device memory, rounded to Storage to nearest even)
@@ -161,7 +162,7 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
                                          bad->first % latent_dim));
     }
     dst_rows_.reserve(std::size_t(n));
-    allocator_->prepare_write(kWrite, seq, start_pos, n);
+    allocator_.prepare_write(kWrite, seq, start_pos, n);
     throw_if_copy_failed();
     dst_rows_.host.clear();
     add_destinations(seq, start_pos, n);
@@ -172,7 +173,8 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
 
   /// Appends `rows` ([n, latent_dim], device) after the tokens of sequence `seq`.
   void append(index_t seq, TensorView<const float, 2, DeviceMemory> rows) {
-    allocator_->check_live(kWrite, seq);
+    allocator_.check_live(kAppend, seq);
+    allocator_.require_single_pool(kAppend);
     write(seq, length(seq), rows);
   }
 
@@ -197,7 +199,7 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
                                      "; expected at least 0");
     cuda::encode_batch<device_storage_type, latent_dim>(
         backend_, seqs, q_len, rows, pool_.data(), dst_rows_, [&](std::size_t i) {
-          allocator_->prepare_write(kEncode, seqs[i], starts[i], q_len);
+          allocator_.prepare_write(kEncode, seqs[i], starts[i], q_len);
           throw_if_copy_failed();
           add_destinations(seqs[i], starts[i], q_len);
         });
@@ -210,7 +212,7 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   [[nodiscard]] PagedLatentView<C, Storage, BlockSize, DeviceMemory> view(
       std::span<const index_t> seqs, DeviceBlockTable& storage) const {
     throw_if_copy_failed();
-    allocator_->block_table(seqs, storage.host);
+    allocator_.block_table(seqs, storage.host);
     const BlockTable& host = storage.host;
     grow(storage.table, host.table.size());
     grow(storage.seqlens, host.seqlens.size());
@@ -230,14 +232,14 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   ///         InvalidArgument for a bad shape.
   void read(index_t seq, index_t start_pos, HostView<float, 2> out) const {
     throw_if_copy_failed();
-    const index_t length = allocator_->length(seq);
+    const index_t length = allocator_.length(seq);
     const index_t n = out.extent(0);
     detail::require<OutOfRange>(
         start_pos >= 0 && n >= 0 && start_pos + n <= length, kRead, ": tokens [", start_pos, ", ",
         start_pos + n, ") are not all in sequence ", seq, ", which holds ", length, " tokens");
     detail::check_extents(kRead, "out", out, {n, latent_dim});
     if (n == 0) return;
-    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
     std::vector<std::byte> staged(std::size_t(n) * row_bytes);
     for (index_t pos = start_pos; pos < start_pos + n;) {
       const index_t slot = pos % BlockSize;
@@ -287,9 +289,10 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   static constexpr std::string_view kName = "daedalus::PagedLatentCache";
   static constexpr std::string_view kWrite = "daedalus::PagedLatentCache::write";
   static constexpr std::string_view kRead = "daedalus::PagedLatentCache::read";
+  static constexpr std::string_view kAppend = "daedalus::PagedLatentCache::append";
   static constexpr std::string_view kEncode = "daedalus::PagedLatentCache::encode_rows";
 
-  static BlockAllocator& check_allocator(BlockAllocator& allocator) {
+  static const BlockAllocator& check_allocator(const BlockAllocator& allocator) {
     detail::require<InvalidArgument>(allocator.block_size() == BlockSize, kName,
                                      ": the allocator's block_size is ", allocator.block_size(),
                                      "; expected ", BlockSize, " (the cache's BlockSize)");
@@ -297,7 +300,7 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   }
 
   void require_same_allocator(std::string_view function, const BlockAllocator& other) const {
-    detail::require<InvalidArgument>(&other == allocator_, kName, "::", function,
+    detail::require<InvalidArgument>(other == allocator_, kName, "::", function,
                                      ": 'host' uses another BlockAllocator; expected the one this "
                                      "cache uses (block ids must mean the same blocks)");
   }
@@ -305,7 +308,7 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
   /// The pool row of every position [start_pos, start_pos + n) of `seq`, appended to the staged
   /// destinations (after prepare_write, so the block list is the one the rows go to).
   void add_destinations(index_t seq, index_t start_pos, index_t n) {
-    const std::span<const std::int32_t> blocks = allocator_->blocks(seq);
+    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
     for (index_t pos = start_pos; pos < start_pos + n; ++pos)
       dst_rows_.host.push_back(std::int64_t(blocks[std::size_t(pos / BlockSize)]) * BlockSize +
                                pos % BlockSize);
@@ -338,7 +341,8 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
                                __FILE__, __LINE__);
   }
 
-  BlockAllocator* allocator_;
+  BlockAllocator allocator_;  // a handle: the allocator lives at least as long as this pool
+  bool registered_ = true;    // false once moved from
   CudaBackend backend_;
   cuda::DeviceBuffer<std::byte> pool_;
   cuda::DeviceBuffer<unsigned long long> flag_;  // finiteness scan result

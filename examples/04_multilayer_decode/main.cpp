@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   for (int l = 0; l < layers; ++l) weights.push_back(mla::MlaWeights<Model>::random(100 + l));
 
   // [doc:model-step]
-  daedalus::BlockAllocator allocator(/*num_blocks=*/256, kBlockSize);
+  daedalus::BlockAllocator allocator = Cache::make_allocator(/*num_blocks=*/256);
   std::vector<Cache> caches;  // one pool per layer, all on the one allocator
   for (int l = 0; l < layers; ++l) caches.emplace_back(allocator);
 
@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
 
   // One layer's decode on its own, over the same lengths (a one-pool allocator appends at the
   // length): a step of the model should cost `layers` times this.
-  daedalus::BlockAllocator single_allocator(256, kBlockSize);
+  daedalus::BlockAllocator single_allocator = Cache::make_allocator(256);
   Cache single(single_allocator);
   std::vector<index_t> single_seqs;
   for (const index_t seq : seqs) {

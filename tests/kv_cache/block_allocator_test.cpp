@@ -10,6 +10,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kv_cache/paged_support.hpp"
@@ -425,4 +426,35 @@ TEST_CASE("BlockAllocator: a pool made from a temporary handle shares the alloca
   pools[0].write(seq, 0, view(rng.uniform(std::size_t(3) * D)));
   CHECK(pools[0].length(seq) == 3);
   CHECK(allocator.num_free_blocks() == 3);
+}
+
+TEST_CASE("Contiguous and paged caches name and list their sequences the same way") {
+  // Generic code walks either cache by num_sequences / contains / sequences and reads each
+  // sequence by its id.
+  const auto listing = [](const auto& cache) {
+    std::vector<std::pair<index_t, index_t>> out;
+    for (const index_t seq : cache.sequences()) {
+      CHECK(cache.contains(seq));
+      out.emplace_back(seq, cache.length(seq));
+    }
+    CHECK(index_t(out.size()) == cache.num_sequences());
+    return out;
+  };
+  Random random(73);
+  daedalus::ContiguousLatentCache<Tiny> contiguous(3, 40);
+  BlockAllocator allocator = Fp32Cache::make_allocator(8);
+  CHECK(allocator.block_size() == kBlock);  // stated once, in the cache type
+  Fp32Cache paged(allocator);
+  for (index_t s = 0; s < 3; ++s) CHECK(allocator.add_sequence() == s);
+  for (index_t s = 0; s < 3; ++s) {
+    const std::vector<float> rows = random.uniform(std::size_t(5 + s) * D);
+    contiguous.write(s, 0, view(rows));
+    paged.write(s, 0, view(rows));
+  }
+  CHECK(listing(contiguous) == listing(paged));
+  CHECK_FALSE(contiguous.contains(3));
+  CHECK_FALSE(paged.contains(3));
+  allocator.release(1);
+  CHECK_FALSE(paged.contains(1));
+  CHECK(paged.sequences() == std::vector<index_t>{0, 2});
 }

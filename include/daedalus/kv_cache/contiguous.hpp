@@ -59,7 +59,19 @@ class ContiguousLatentCache {
     rows_.resize(static_cast<std::size_t>(offsets_.back()) * latent_dim);
   }
 
+  /// Sequences are named by index_t ids, as in PagedLatentCache: here the ids [0, num_sequences)
+  /// given at construction, all live for the cache's lifetime (a paged cache's come from its
+  /// allocator's add_sequence and end with release). Both caches answer num_sequences,
+  /// contains and sequences alike.
   [[nodiscard]] index_t num_sequences() const { return index_t(capacities_.size()); }
+  /// True when `seq` names one of the cache's sequences.
+  [[nodiscard]] bool contains(index_t seq) const { return seq >= 0 && seq < num_sequences(); }
+  /// The ids of the sequences, ascending: 0, 1, ..., num_sequences - 1.
+  [[nodiscard]] std::vector<index_t> sequences() const {
+    std::vector<index_t> ids(capacities_.size());
+    std::iota(ids.begin(), ids.end(), index_t{0});
+    return ids;
+  }
   [[nodiscard]] index_t capacity(index_t seq) const {
     return capacities_[checked(seq, "capacity")];
   }

@@ -92,6 +92,14 @@ class ContiguousLatentCache<C, CudaBackend, Storage> {
 
   [[nodiscard]] const CudaBackend& backend() const { return backend_; }
   [[nodiscard]] index_t num_sequences() const { return index_t(capacities_.size()); }
+  /// True when `seq` names one of the cache's sequences (as the host cache).
+  [[nodiscard]] bool contains(index_t seq) const { return seq >= 0 && seq < num_sequences(); }
+  /// The ids of the sequences, ascending: 0, 1, ..., num_sequences - 1.
+  [[nodiscard]] std::vector<index_t> sequences() const {
+    std::vector<index_t> ids(capacities_.size());
+    for (std::size_t s = 0; s < ids.size(); ++s) ids[s] = index_t(s);
+    return ids;
+  }
   [[nodiscard]] index_t capacity(index_t seq) const {
     return capacities_[checked(seq, "capacity")];
   }

@@ -94,6 +94,13 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
     allocator_.register_pool(this);
   }
 
+  /// An allocator of `num_blocks` blocks of this cache's BlockSize tokens, for every layer's
+  /// pool: the block size is then stated once, in the cache type.
+  /// @throws InvalidArgument as BlockAllocator's constructor.
+  [[nodiscard]] static BlockAllocator make_allocator(index_t num_blocks) {
+    return BlockAllocator(num_blocks, BlockSize);
+  }
+
   PagedLatentCache(const PagedLatentCache&) = delete;
   PagedLatentCache& operator=(const PagedLatentCache&) = delete;
   PagedLatentCache& operator=(PagedLatentCache&&) = delete;
@@ -134,6 +141,12 @@ class PagedLatentCache<C, CudaBackend, Storage, BlockSize> final : private detai
 
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
   [[nodiscard]] index_t length(index_t seq) const { return allocator_.length(seq); }
+  /// The live sequences of the allocator, named as in ContiguousLatentCache (index_t ids).
+  [[nodiscard]] index_t num_sequences() const { return allocator_.num_sequences(); }
+  /// True when `seq` was added to the allocator and not released.
+  [[nodiscard]] bool contains(index_t seq) const { return allocator_.contains(seq); }
+  /// The ids of the live sequences, ascending.
+  [[nodiscard]] std::vector<index_t> sequences() const { return allocator_.sequences(); }
 
   /// Checks what `write(seq, start_pos, rows of n)` would check, without writing (host only).
   /// @throws OutOfRange, InvalidArgument or CapacityError as write does.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Snippets of docs/cuda.md: the CUDA backend's stream, buffers, copies and launch helper, and a
-// paged latent cache in device memory. Built with nvcc only (a .cu file linking daedalus::cuda);
-// not run by CTest, and without a device main() only says so.
+// Snippets of docs/cuda.md (the CUDA backend's stream, buffers, copies and launch function) and
+// docs/kv_cache.md (a paged latent cache in device memory). Built with nvcc only (a .cu file
+// linking daedalus::cuda); not run by CTest, and without a device main() only says so.
 #include <cstdio>
 #include <vector>
 

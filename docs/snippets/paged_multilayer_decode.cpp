@@ -33,7 +33,8 @@ int main() {
   const daedalus::CpuBackend cpu;               // every hardware thread
   std::vector<mla::MlaWeights<Model>> weights;  // one per layer
   for (int l = 0; l < n_layers; ++l) weights.push_back(mla::MlaWeights<Model>::random(l));
-  daedalus::BlockAllocator allocator(/*num_blocks=*/1024, /*block_size=*/64);  // for all layers
+  // One allocator for all layers, of the cache type's block size (stated once, above).
+  daedalus::BlockAllocator allocator = Cache::make_allocator(/*num_blocks=*/1024);
   std::deque<Cache> caches;  // one pool per layer: block b is the same slot in each
   for (int l = 0; l < n_layers; ++l) caches.emplace_back(allocator);
 

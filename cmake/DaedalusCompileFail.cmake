@@ -4,7 +4,7 @@
 # library that must NOT compile, and must fail with the sentence its `// expected-error: <regex>`
 # lines give (every such line must match the compiler's output; CMake regex syntax).
 #
-#   daedalus_add_compile_fail_tests()   (in CMakeLists.txt) one EXCLUDE_FROM_ALL object library
+#   daedalus_add_compile_fail_tests()   (tests/CMakeLists.txt) one EXCLUDE_FROM_ALL object library
 #                                       and one CTest test "compile_fail.<name>" per file
 #   cmake -P DaedalusCompileFail.cmake  (what each test runs) builds that library and passes when
 #                                       the build fails AND every expected-error regex matches

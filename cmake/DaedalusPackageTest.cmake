@@ -2,12 +2,20 @@
 #
 # Package tests: build the consumer project in tests/package/ the way a user would.
 #
-#   daedalus_add_package_tests()        (in CMakeLists.txt) registers the CTest tests
+#   daedalus_add_package_tests()        (tests/CMakeLists.txt) registers the CTest tests
 #       package.find_package            install to a fresh prefix, find_package(daedalus CONFIG
 #                                       REQUIRED), build and run the CPU consumer
 #       package.find_package.cuda       the same with COMPONENTS cuda and a .cu consumer linking
 #                                       daedalus::cuda: compiled and linked, not run (no GPU needed)
-#       package.add_subdirectory        the consumer with add_subdirectory(<this source tree>)
+#       package.add_subdirectory        the consumer with add_subdirectory(<this source tree>); it
+#                                       also checks that daedalus, as a subproject, defines only
+#                                       the library targets, registers no tests, looks for neither
+#                                       doctest nor Google Benchmark, and (without .cuda) neither
+#                                       enables the CUDA language nor looks for a CUDA compiler
+#       package.fetch_content           the same, with FetchContent_Declare(SOURCE_DIR <this
+#                                       source tree>) and FetchContent_MakeAvailable
+#       package.add_subdirectory.cuda   add_subdirectory with the .cu consumer: the consumer
+#                                       enables CUDA and sets DAEDALUS_ENABLE_CUDA=ON
 #   cmake -P DaedalusPackageTest.cmake  (what each test runs)
 #
 # Each test works in its own directory under <build>/package_test/, removed first, so a run never
@@ -49,9 +57,12 @@ if(CMAKE_SCRIPT_MODE_FILE)
     list(APPEND consumer_args -DCMAKE_PREFIX_PATH=${prefix} -DCONSUMER_EXPECTED_PREFIX=${prefix})
   elseif(MODE STREQUAL "add_subdirectory")
     list(APPEND consumer_args -DCONSUMER_DAEDALUS_SOURCE_DIR=${SOURCE_DIR})
+  elseif(MODE STREQUAL "fetch_content")
+    list(APPEND consumer_args -DCONSUMER_DAEDALUS_SOURCE_DIR=${SOURCE_DIR}
+                              -DCONSUMER_FETCH_CONTENT=ON)
   else()
-    message(FATAL_ERROR "DaedalusPackageTest.cmake: MODE is '${MODE}'; expected find_package or "
-                        "add_subdirectory")
+    message(FATAL_ERROR "DaedalusPackageTest.cmake: MODE is '${MODE}'; expected find_package, "
+                        "add_subdirectory or fetch_content")
   endif()
 
   run(configure "${CMAKE_COMMAND}" -S "${SOURCE_DIR}/tests/package" -B "${WORK_DIR}/build"
@@ -77,7 +88,10 @@ function(daedalus_add_package_tests)
   add_test(NAME package.add_subdirectory
     COMMAND "${CMAKE_COMMAND}" ${common} -DMODE=add_subdirectory -DCUDA=OFF
             -DWORK_DIR=${work}/add_subdirectory -P "${script}")
-  set(tests package.find_package package.add_subdirectory)
+  add_test(NAME package.fetch_content
+    COMMAND "${CMAKE_COMMAND}" ${common} -DMODE=fetch_content -DCUDA=OFF
+            -DWORK_DIR=${work}/fetch_content -P "${script}")
+  set(tests package.find_package package.add_subdirectory package.fetch_content)
   if(DAEDALUS_ENABLE_CUDA)
     set(cuda_common -DCUDA=ON -DCUDA_COMPILER=${CMAKE_CUDA_COMPILER}
                     "-DCUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}")

@@ -2,7 +2,7 @@
 // The GPU absorbed MLA decode under the emulation layer: the bodies of
 // tests/cuda/cases/absorbed_decode_checks.hpp on shapes small enough to emulate (short contexts,
 // few heads, one medium 512 + 64 case), and one case again under other thread schedules.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 

@@ -2,7 +2,7 @@
 // The GPU benchmarks' random fill kernel (bench/cuda/random_fill.cuh) under the emulation layer:
 // every element written, each equal to the hash formula evaluated on the host, in range, and
 // different seeds giving different data.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <cmath>
 #include <cstddef>

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tests of the CUDA emulation layer itself: that threads really interleave, that faults a GPU
-// would hang on or leave undefined are reported, that the runtime emulation checks pointers.
-// (tests/emulated/kernel_cases_test.cpp shows that a missing __syncthreads gives wrong results.)
-#include "support/cuda_emulation/cuda_emulation.hpp"
+// Tests of the CUDA emulation layer itself (emulation/): that threads really interleave, that
+// faults a GPU would hang on or leave undefined are reported, that the runtime emulation checks
+// pointers. (tests/emulated/kernel_cases_test.cpp shows that a missing __syncthreads gives wrong
+// results.)
+#include "cuda_emulation.hpp"
 // The emulation layer comes first.
 #include <doctest/doctest.h>
 

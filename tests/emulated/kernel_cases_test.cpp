@@ -3,7 +3,7 @@
 // on a GPU (tests/cuda/cases/kernel_cases.hpp), compiled by the host compiler; then the same
 // checks under other schedules and with concurrent blocks, and the kernels without their
 // barriers, which must give wrong results.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 

@@ -2,7 +2,7 @@
 // The device latent caches under the emulation layer: the same bodies that daedalus_cuda_tests
 // runs on a GPU (tests/cuda/cases/kv_cache_checks.hpp), then the finiteness scan with blocks on
 // several OS threads at once (its atomicMin must still report the first bad value).
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA headers, as a .cu file would.
 #include <daedalus/cuda.cuh>
 #include <daedalus/kv_cache/cuda/contiguous.cuh>

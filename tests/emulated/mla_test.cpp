@@ -2,7 +2,7 @@
 // MLA on the GPU under the emulation layer: the same bodies that daedalus_cuda_tests runs on a
 // device (tests/cuda/cases/mla_checks.hpp): cuBLAS's subset, the norm and RoPE kernels, whole
 // layers against the CPU backend, bad input.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 

@@ -12,7 +12,7 @@
 // without the update, and the update must bring MaxVio from above 1 to the sampling noise (mean
 // of the last 4 steps below 0.5; observed 0.15-0.28 over six seeds). At 256 tokens (c̄ = 64
 // slots per expert) that noise is itself 0.1-0.3, so the fall below 0.1 is not checked here.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 

@@ -3,7 +3,7 @@
 // under the emulation layer: the same bodies that daedalus_cuda_tests runs on a GPU
 // (tests/cuda/cases/moe_layer_checks.hpp), then again with blocks on several OS threads and a
 // shuffled thread order.
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer comes first; then the library's CUDA umbrella, as a .cu file would.
 #include <daedalus/cuda.cuh>
 

@@ -4,7 +4,7 @@
 // What every daedalus CUDA header builds on: the CUDA runtime, bf16 and fp16 types, cuBLAS (the
 // projections' GEMMs, daedalus/cuda/blas.cuh). Compiled by
 // nvcc; or by a host compiler after the test-only CUDA emulation layer
-// (tests/support/cuda_emulation/cuda_emulation.hpp), which defines DAEDALUS_CUDA_EMULATION and
+// (emulation/cuda_emulation.hpp; emulation/README.md), which defines DAEDALUS_CUDA_EMULATION and
 // provides the same names, so that kernels run on CPU threads in CI.
 #if defined(DAEDALUS_CUDA_EMULATION)
 // Everything this header would include comes from the emulation layer.

@@ -2,7 +2,7 @@
 #pragma once
 
 // Test bodies of the GPU absorbed decode (mla/cuda/absorbed_decode.cuh), shared by the device
-// test binary (nvcc, a real GPU) and the emulated one (g++, tests/support/cuda_emulation): the
+// test binary (nvcc, a real GPU) and the emulated one (g++, emulation/): the
 // same pools, references and tolerances.
 //
 // Data. A paged pool built by hand as FlashMLA's tests build theirs: block ids drawn from a

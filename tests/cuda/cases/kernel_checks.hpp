@@ -2,7 +2,7 @@
 #pragma once
 
 // Test bodies shared by the device test binary (daedalus_cuda_tests, nvcc, a real GPU) and the
-// emulated one (daedalus_emulated_tests, g++ against tests/support/cuda_emulation): the same
+// emulated one (daedalus_emulated_tests, g++ against emulation/): the same
 // kernels, the same host code (CudaBackend, DeviceBuffer, launch), the same references and
 // tolerances. Each check_* function runs one kernel and states its expectations with doctest;
 // the TEST_CASEs below call them, and the emulated binary calls them again under other

@@ -2,7 +2,7 @@
 #pragma once
 
 // MLA on the GPU: test bodies shared by daedalus_cuda_tests (nvcc, a real device) and
-// daedalus_emulated_tests (g++ against tests/support/cuda_emulation). The cuBLAS subset against
+// daedalus_emulated_tests (g++ against emulation/). The cuBLAS subset against
 // plain loops, the norm and RoPE kernels against the CPU backend's, and whole MLA layers on
 // CudaBackend against the same calls on CpuBackend. Included by exactly one translation unit per
 // binary.

@@ -5,7 +5,7 @@
 // emulation layer; the per-expert loop itself runs in daedalus_emulated_tests and
 // daedalus_cuda_tests through CublasExpertCalls::per_expert.
 #define DAEDALUS_CUBLAS_GROUPED_GEMM 0
-#include "support/cuda_emulation/cuda_emulation.hpp"
+#include "cuda_emulation.hpp"
 // The emulation layer first, then the library, as the emulated tests include them.
 #include <daedalus/cuda.cuh>
 

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
-// The CUDA emulation layer: test-only. Include it FIRST in a host (g++) translation unit, then the
-// library's CUDA headers (<daedalus/cuda.cuh>) and kernel sources (.cuh): the same kernel source
-// that nvcc compiles for sm_80/sm_90a then compiles with g++ and runs on CPU threads.
+// The CUDA emulation layer (emulation/README.md; CMake target daedalus::cuda_emulation), used by
+// daedalus's tests. Include it FIRST in a host (g++) translation unit, then the library's CUDA
+// headers (<daedalus/cuda.cuh>) and kernel sources (.cuh): the same kernel source that nvcc
+// compiles for sm_80/sm_90a then compiles with g++ and runs on CPU threads.
 //
 // What it provides (the vocabulary daedalus kernels may use, nothing more):
 //   - the keywords __global__, __device__, __host__, __forceinline__, __shared__, __align__,

@@ -277,8 +277,8 @@ void absorbed_decode(const CudaBackend& backend,
 /// The device-side checks that PagedLatentView::validate makes on the host, for a view whose
 /// tables live on the device: every length in [0, max_blocks · BlockSize], every block-table
 /// entry a sequence uses (the first ceil(len / BlockSize) of its row) in [0, num_blocks). One
-/// small kernel and one copy back (a host sync: this is the check of user input that the issue
-/// allows; a cache that built its own tables needs none).
+/// small kernel and one copy back (a host sync: the price of checking user input before any
+/// kernel reads it; a cache that built its own tables needs none).
 /// @throws InvalidArgument (extents, negative num_blocks, a null pool with used blocks) and
 ///         OutOfRange (the first bad entry, named exactly as the host check names it).
 template <MlaConfig C, class Storage, int BS>

@@ -259,7 +259,7 @@ def main():
             with open(args.json, "w", encoding="utf-8") as out:
                 json.dump(dict(torch=torch.__version__, device=where, rows=rows), out, indent=1)
 
-    # The layer first: it is the row a GPU run's time limit must not cut (issue 6's target).
+    # The layer first: it is the row a GPU run's time limit must not cut (the V2-Lite layer target).
     layer_tokens = [int(t) for t in args.layer_tokens.split(",") if t]
     if layer_tokens:
         weights = layer_weights(generator, device, dtype)

@@ -9,7 +9,7 @@
 // - BM_gate_routing<C>/tokens:T: moe::route_logits on those logits, the fused routing kernel
 //   (scores, selection bias, group limit, top-k, weights) with its finiteness check (one 16-byte
 //   copy back and a stream synchronisation). routing_over_logits = this row's time over
-//   BM_gate_logits' time at the same T (issue 6's target: under 10% at 4096 tokens).
+//   BM_gate_logits' time at the same T (the target: under 10% at 4096 tokens).
 // - BM_gate<C>/tokens:T: moe::route with a DeviceGateWeights, both steps. DeepSeek-V3's shapes
 // (7168 → 256 experts,
 //   8 groups / 4 kept, top-8, sigmoid with bias) at 1, 64, 4096 and 65536 tokens.
@@ -18,7 +18,7 @@
 // - BM_dispatch_combine<C>/tokens:T: moe::dispatch then moe::combine over a built plan. Bytes per
 //   step = what the two passes must move at least: dispatch reads T·dim and writes T·k·dim floats,
 //   combine the reverse, so 2·(k + 1)·T·dim·4 bytes (the CPU benchmark's count); V3 at 4096
-//   tokens × 7168 (issue 6's target: at least 60% of the copy bandwidth).
+//   tokens × 7168 (the target: at least 60% of the copy bandwidth).
 // - BM_routed_experts_mma<C>/tokens:T and BM_routed_experts_cublas<C>/tokens:T: the routed
 //   experts alone over a plan built once from random routing (uniform logits through the
 //   config's gate), bf16 weights drawn on the device: moe::routed_experts (the grouped mma

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# The GPU check (issues 5 and 6), in one call on a machine with an NVIDIA GPU (Hopper: sm_90a),
-# the CUDA toolkit and PyTorch, in under 6 minutes:
+# The GPU check (the MLA decode and MoE targets), in one call on a machine with an NVIDIA GPU
+# (Hopper: sm_90a), the CUDA toolkit and PyTorch, in under 6 minutes:
 #
 #   env        the GPU, driver, clocks, toolkit and PyTorch versions
 #   configure  Release, CUDA on, CMAKE_CUDA_ARCHITECTURES=90a (build/gpu)
@@ -15,7 +15,7 @@
 #              expert loop on the MoE benchmark's shapes (JSON)
 #   memcheck   compute-sanitizer --tool memcheck on daedalus_cuda_tests, when the tool is there;
 #              last, so that when time runs short it is the step the budget cuts
-#   table      bench/gpu/table.py: one table, the targets of issues 5 and 6 evaluated
+#   table      bench/gpu/table.py: one table, the MLA decode and MoE targets evaluated
 #
 # Every step runs under `timeout`, capped by its own limit and by what is left of the whole
 # budget (DAEDALUS_GPU_BUDGET seconds, default 330, so that a step killed 5 s after its cap still

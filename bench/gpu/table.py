@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""One table from bench/gpu/check.sh's outputs, with the targets of issues 5 and 6 evaluated.
+"""One table from bench/gpu/check.sh's outputs, with the MLA decode and MoE targets evaluated.
 
 Reads (each optional; what is missing is said, the rest still printed):
   --steps  a file of `name<TAB>status<TAB>seconds<TAB>note` lines (check.sh's step log)
@@ -17,7 +17,7 @@ speed-up), then the targets over the large-batch rows (batch >= 64, Tiny rows ex
   128 heads: >= 30% of the measured bf16 GEMM rate and >= 3x the PyTorch baseline
 then the MoE rows (gate, plan, dispatch + combine, the routed experts on the mma kernel and on
 cuBLAS's grouped GEMM, V2-Lite layer, each against PyTorch where it has a baseline) and
-issue 6's targets:
+the MoE targets:
   dispatch + combine at 4096 tokens x 7168: >= 60% of the measured copy bandwidth
   gate at 4096 tokens: the fused routing under 10% of the logits GEMM's time
   V2-Lite MoE layer at 4096 tokens: >= 3x the PyTorch expert loop
@@ -187,8 +187,8 @@ def main():
 
 
 def evaluate_targets(rows):
-    """Prints issue 5's targets over the large-batch rows; returns 0 when every one is met."""
-    print(f"Targets of issue 5 over the rows with batch >= {LARGE_BATCH} (Tiny rows excluded):")
+    """Prints the MLA decode targets over the large-batch rows; returns 0 when every one is met."""
+    print(f"MLA decode targets over the rows with batch >= {LARGE_BATCH} (Tiny rows excluded):")
     checks = [
         ("16 heads: >= 70% of the measured copy bandwidth", 16,
          lambda r: r["copy_pct"] is not None and r["copy_pct"] >= 70.0,
@@ -257,7 +257,7 @@ def torch_case(rows, prefix, tokens):
 
 
 def moe_section(bench, torch_data, problems):
-    """Prints the MoE table and issue 6's targets; returns 0 when every target is met, else 3."""
+    """Prints the MoE table and the MoE targets; returns 0 when every target is met, else 3."""
     print("MoE (bench_cuda_moe; PyTorch: bench/compare/torch_moe.py --device cuda)\n")
     rows = moe_rows(bench, problems) if bench else {}
     torch_rows = torch_moe_rows(torch_data)
@@ -322,7 +322,7 @@ def moe_section(bench, torch_data, problems):
                   f"{fmt(speedup(ours, theirs), '.2f')} |")
     print()
 
-    print("Targets of issue 6:")
+    print("MoE targets:")
     all_met = True
 
     def verdict(title, value, met, shown):

@@ -3,7 +3,7 @@
 
 // Tolerances of the host tests, one per storage type and kind of comparison, each with the
 // reason it has the value it has. The unit roundoffs are written out here rather than taken from
-// daedalus's StorageTraits, so that a wrong trait is caught (tests/core/dtype_test.cpp compares).
+// daedalus's StorageTraits, so that a wrong trait is caught (tests/core/backend_test.cpp compares).
 //
 // Every comparison uses the same error measure, `row_relative_error`: for each row (one token's
 // output, one cache row, ...) the largest absolute difference divided by the largest magnitude of

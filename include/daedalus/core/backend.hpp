@@ -111,8 +111,4 @@ class CpuBackend {
 
 static_assert(Backend<CpuBackend>);
 
-/// True when backend `B` can read memory of space `Space`.
-template <class B, class Space>
-inline constexpr bool backend_reads = std::same_as<typename B::memory_space, Space>;
-
 }  // namespace daedalus

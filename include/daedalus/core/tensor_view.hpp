@@ -156,10 +156,5 @@ void check_extents(std::string_view function, std::string_view argument,
   }
 }
 
-/// The compile-time guard behind "passing a device view to the CPU backend is a compile error that
-/// names the parameter": every CPU entry point instantiates this for each view parameter.
-template <class Backend, class View>
-inline constexpr bool view_readable_by = backend_reads<Backend, typename View::memory_space>;
-
 }  // namespace detail
 }  // namespace daedalus

@@ -236,6 +236,66 @@ template <class T>
   return dst;
 }
 
+/// How cuda::grow sizes the buffer it must replace.
+enum class Growth {
+  /// The count asked for: buffers sized by a model's widths and a batch's tokens (activations,
+  /// routing plans), which a steady loop asks for at one size and where a doubled allocation
+  /// would be large.
+  exact,
+  /// max(count, 2 · size()): small index arrays that a serving loop may grow an entry at a time
+  /// (a batch's sequences, a cache's destination rows), so that n calls reallocate O(log n)
+  /// times.
+  doubling,
+};
+
+/// Makes `buffer` hold at least max(count, 1) elements and returns buffer.data(). A buffer that
+/// holds enough is left as it is (it never shrinks); otherwise it is replaced by a new
+/// allocation, sized by `growth`, and its contents are lost, not copied. Never empty afterwards,
+/// so its data() is a valid pointer to hand a kernel even for an empty batch. The one grow-only
+/// rule of the library's device workspaces: a steady loop allocates nothing after its first
+/// call, and growth, which costs a cudaMalloc and a cudaFree that waits for the device, is rare.
+/// @throws CudaError when the allocation fails (`buffer` is then unchanged).
+template <class T>
+T* grow(DeviceBuffer<T>& buffer, std::size_t count, Growth growth = Growth::exact) {
+  count = std::max<std::size_t>(count, 1);
+  if (buffer.size() < count) {
+    buffer =
+        DeviceBuffer<T>(growth == Growth::doubling ? std::max(count, 2 * buffer.size()) : count);
+  }
+  return buffer.data();
+}
+
+namespace detail {
+
+/// A host array and a device copy of it that only grows (Growth::doubling), so that a decode loop
+/// reuses one device allocation: the destination rows the device caches' encoders upload.
+template <class T>
+class StagedArray {
+ public:
+  /// Makes room for `n` elements on both sides. Done before a caller changes any state, so that
+  /// what may fail (allocation) fails first.
+  void reserve(std::size_t n) {
+    host.reserve(n);
+    grow(device_, n, Growth::doubling);
+  }
+  /// Copies `host` to the device on the backend's stream (pageable memory: CUDA stages it
+  /// before the call returns, so `host` may change afterwards).
+  const T* upload(const CudaBackend& backend) {
+    reserve(host.size());
+    if (!host.empty())
+      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(device_.data(), host.data(), host.size() * sizeof(T),
+                                          cudaMemcpyHostToDevice, backend.stream()));
+    return device_.data();
+  }
+
+  std::vector<T> host;
+
+ private:
+  DeviceBuffer<T> device_;
+};
+
+}  // namespace detail
+
 /// `count` elements of device memory owned by the calling thread on its current device, kept for
 /// the thread's life and grown on demand: the few words of error flags that a stateless entry
 /// point (moe::route_logits) writes, copies back and waits for before it returns. A cudaMalloc and
@@ -254,8 +314,7 @@ template <class T>
     per_device.emplace_back(device, DeviceBuffer<T>());
     it = per_device.end() - 1;
   }
-  if (it->second.size() < count) it->second = DeviceBuffer<T>(count);
-  return it->second.data();
+  return grow(it->second, count);
 }
 
 }  // namespace daedalus::cuda

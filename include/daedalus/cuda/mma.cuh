@@ -19,6 +19,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "daedalus/core/traits.hpp"
 #include "daedalus/cuda/element.cuh"
 #include "daedalus/cuda/platform.cuh"
 
@@ -236,7 +237,7 @@ __device__ __forceinline__ void mma_m16n8k16(MmaAccumulator& acc, const MmaFragm
         : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]));
   }
 #elif defined(__CUDA_ARCH__)
-  static_assert(sizeof(T) == 0,
+  static_assert(::daedalus::detail::dependent_false<T>,
                 "daedalus::cuda::mma_m16n8k16 needs sm_80 or newer: build for sm_80/sm_90a");
 #else
   // The host pass of nvcc: device-only code, never run on the host.

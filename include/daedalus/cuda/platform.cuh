@@ -17,3 +17,14 @@
 #error \
     "daedalus CUDA headers (.cuh) must be compiled by nvcc: include <daedalus/cuda.cuh> from a .cu file (plain C++ code includes <daedalus/daedalus.hpp>)"
 #endif
+
+// Loops over register arrays must be unrolled, or their indices force the arrays into local
+// memory. nvcc honours `#pragma unroll`; host compilers (the emulation) need nothing. Kernels
+// write DAEDALUS_UNROLL before such a loop.
+#if !defined(DAEDALUS_UNROLL)
+#if defined(__CUDACC__)
+#define DAEDALUS_UNROLL _Pragma("unroll")
+#else
+#define DAEDALUS_UNROLL
+#endif
+#endif

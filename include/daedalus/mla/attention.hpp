@@ -97,13 +97,6 @@ inline void require_distinct_sequences(std::string_view function, std::span<cons
   }
 }
 
-template <class Backend, class View>
-constexpr void require_host_view() {
-  static_assert(std::is_same_v<typename View::memory_space, typename Backend::memory_space>,
-                "daedalus::mla: a view argument lives in a memory space this backend cannot "
-                "read (e.g. a DeviceMemory view passed with CpuBackend)");
-}
-
 /// A layer's weights as the fronts take them: MlaWeights<C> (host) or DeviceMlaWeights<C, T>
 /// (device), or any type that names its config and where it lives.
 template <class W>

@@ -7,6 +7,7 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/core/traits.hpp"
 #include "daedalus/moe/routing_plan.hpp"
 
 /// Dispatch (gather token rows into the expert-ordered buffer a RoutingPlan describes) and
@@ -20,13 +21,10 @@ enum class CombineInto { overwrite, accumulate };
 
 namespace detail {
 
-template <class...>
-inline constexpr bool dispatch_dependent_false = false;
-
 /// The backend's dispatch and combine kernels (`moe/cpu/dispatch.hpp`, `moe/cuda/...`).
 template <class Backend>
 struct DispatchImpl {
-  static_assert(dispatch_dependent_false<Backend>,
+  static_assert(daedalus::detail::dependent_false<Backend>,
                 "daedalus::moe: no dispatch/combine implementation for this backend is visible: "
                 "include <daedalus/daedalus.hpp> for CpuBackend, or <daedalus/cuda.cuh> in a .cu "
                 "file for CudaBackend");

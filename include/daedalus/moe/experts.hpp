@@ -13,6 +13,7 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/core/traits.hpp"
 #include "daedalus/moe/routing_plan.hpp"
 
 /// DeepSeek's SwiGLU experts (DeepSeek-V3 reference inference/model.py `Expert` and `MLP`):
@@ -24,13 +25,10 @@ namespace daedalus::moe {
 
 namespace detail {
 
-template <class...>
-inline constexpr bool experts_dependent_false = false;
-
 /// The backend's SwiGLU kernels (`moe/cpu/experts.hpp`, `moe/cuda/...`).
 template <class Backend>
 struct ExpertsImpl {
-  static_assert(experts_dependent_false<Backend>,
+  static_assert(daedalus::detail::dependent_false<Backend>,
                 "daedalus::moe: no expert implementation for this backend is visible: include "
                 "<daedalus/daedalus.hpp> for CpuBackend, or <daedalus/cuda.cuh> in a .cu file "
                 "for CudaBackend");

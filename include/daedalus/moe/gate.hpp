@@ -15,6 +15,7 @@
 #include "daedalus/core/backend.hpp"
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
+#include "daedalus/core/traits.hpp"
 
 /// The DeepSeek Mixture-of-Experts gate (router): which k routed experts each token goes to, and
 /// with what weight. Semantics of DeepSeek-V3's reference `Gate.forward` (inference/model.py) and
@@ -278,7 +279,7 @@ namespace detail {
 /// only explains what is missing.
 template <class Backend>
 struct GateImpl {
-  static_assert(sizeof(Backend) == 0,
+  static_assert(daedalus::detail::dependent_false<Backend>,
                 "daedalus::moe: no gate implementation for this backend is visible: include "
                 "<daedalus/daedalus.hpp> (or <daedalus/moe/cpu/gate.hpp>) for CpuBackend");
 };

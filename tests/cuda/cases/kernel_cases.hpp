@@ -45,6 +45,9 @@ TEST_SUITE("cuda") {
   TEST_CASE("thread_scratch: one buffer per thread and device, reused and grown") {
     check_thread_scratch(daedalus::CudaBackend{});
   }
+  TEST_CASE("grow: device workspaces only grow, exactly or by doubling, and are never empty") {
+    check_grow();
+  }
   TEST_CASE("DAEDALUS_CUDA_CHECK and launch report failures as CudaError") {
     check_errors(daedalus::CudaBackend{});
   }

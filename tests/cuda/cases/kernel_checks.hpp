@@ -461,6 +461,27 @@ inline void check_thread_scratch(const CudaBackend& cuda) {
   CHECK(other_thread != large);
 }
 
+/// cuda::grow: never empty, never shrinks, keeps a buffer that is large enough (the same
+/// pointer), and sizes a replacement exactly or by doubling.
+inline void check_grow() {
+  cuda::DeviceBuffer<float> buffer;
+  float* one = cuda::grow(buffer, 0);
+  CHECK(one != nullptr);
+  CHECK(buffer.size() == 1);
+  CHECK(cuda::grow(buffer, 1) == one);
+  cuda::grow(buffer, 10);
+  CHECK(buffer.size() == 10);
+  float* ten = buffer.data();
+  CHECK(cuda::grow(buffer, 4) == ten);  // large enough: kept, not shrunk
+  CHECK(buffer.size() == 10);
+  cuda::grow(buffer, 11, cuda::Growth::doubling);
+  CHECK(buffer.size() == 20);
+  cuda::grow(buffer, 50, cuda::Growth::doubling);
+  CHECK(buffer.size() == 50);  // more than twice the old size: the count asked for
+  cuda::grow(buffer, 51);
+  CHECK(buffer.size() == 51);
+}
+
 inline void check_errors(const CudaBackend& cuda) {
   // A failed runtime call: CudaError with file:line, the call as written, CUDA's name and text.
   void* pointer = nullptr;

@@ -2,7 +2,8 @@
 #pragma once
 
 // An independent double-precision reference of DeepSeek's Multi-head Latent Attention forward,
-// written from the project's MLA notes (reference/mla.md) and DeepSeek-V3's inference/model.py
+// written from the DeepSeek-V2 paper (arXiv 2405.04434, section 2.1) and DeepSeek-V3's
+// inference/model.py
 // (`MLA.forward`, `precompute_freqs_cis`, `apply_rotary_emb`, `RMSNorm`), not from daedalus: it
 // includes no daedalus header, takes plain row-major `[out, in]` weight arrays and a runtime struct
 // of sizes, and is written for obviousness rather than speed (plain loops, everything in double).

@@ -2,10 +2,11 @@
 #pragma once
 
 // An independent double-precision reference of DeepSeek's MoE gate and of the balancing
-// quantities, written from the project's MoE notes (reference/moe.md) and DeepSeek-V3's
-// inference/model.py (`Gate.forward`), not from daedalus: it includes no daedalus header, takes
-// plain row-major arrays and a runtime struct, and follows the torch code literally: dropped
-// groups are filled with -inf, the top-k is a full sort, everything is in double.
+// quantities, written from the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2, and
+// arXiv 2408.15664 for the selection bias) and DeepSeek-V3's inference/model.py (`Gate.forward`),
+// not from daedalus: it includes no daedalus header, takes plain row-major arrays and a runtime
+// struct, and follows the torch code literally: dropped groups are filled with -inf, the top-k is a
+// full sort, everything is in double.
 
 #include <algorithm>
 #include <cmath>

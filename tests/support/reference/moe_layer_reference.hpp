@@ -2,13 +2,13 @@
 #pragma once
 
 // An independent double-precision reference of DeepSeek's MoE experts and combine, written from
-// the project's MoE notes (reference/moe.md) and DeepSeek-V3's inference/model.py (`Expert`,
-// `MLP`, `MoE.forward`: for each expert, the tokens routed to it, y[idx] += expert(x[idx]) ·
-// weights[idx, top]; then y + shared_experts(x)), not from daedalus: it includes no daedalus
-// header, reads plain row-major [out, in] fp32 weight arrays and computes in double, token by
-// token, looping over each token's chosen experts. Also the rule of which slots a capacity keeps,
-// written as Megatron-Core's token dropping describes it (per expert, the top-C by probability or
-// the first C in token order), independently of daedalus's plan.
+// the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2) and DeepSeek-V3's inference/model.py
+// (`Expert`, `MLP`, `MoE.forward`: for each expert, the tokens routed to it, y[idx] +=
+// expert(x[idx]) · weights[idx, top]; then y + shared_experts(x)), not from daedalus: it includes
+// no daedalus header, reads plain row-major [out, in] fp32 weight arrays and computes in double,
+// token by token, looping over each token's chosen experts. Also the rule of which slots a capacity
+// keeps, written as Megatron-Core's token dropping describes it (per expert, the top-C by
+// probability or the first C in token order), independently of daedalus's plan.
 
 #include <algorithm>
 #include <cmath>

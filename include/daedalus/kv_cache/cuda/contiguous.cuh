@@ -215,8 +215,8 @@ class ContiguousLatentCache<C, CudaBackend, Storage> {
       storage.host_first_row[b] = offsets_[std::size_t(seqs[b])];
       storage.host_seqlens[b] = std::int32_t(lengths_[std::size_t(seqs[b])]);
     }
-    grow(storage.first_row, seqs.size());
-    grow(storage.seqlens, seqs.size());
+    cuda::grow(storage.first_row, seqs.size(), cuda::Growth::doubling);
+    cuda::grow(storage.seqlens, seqs.size(), cuda::Growth::doubling);
     upload(storage.first_row.data(), storage.host_first_row);
     upload(storage.seqlens.data(), storage.host_seqlens);
     cuda::DeviceLatentBatch<cuda::ContiguousRowAddress> out;
@@ -328,10 +328,6 @@ class ContiguousLatentCache<C, CudaBackend, Storage> {
       dst_rows_.host.push_back(offsets_[std::size_t(seq)] + pos);
   }
 
-  template <class T>
-  static void grow(cuda::DeviceBuffer<T>& buffer, std::size_t n) {
-    if (buffer.size() < n) buffer = cuda::DeviceBuffer<T>(std::max(n, 2 * buffer.size()));
-  }
   template <class T>
   void upload(T* dst, const std::vector<T>& src) const {
     if (!src.empty())

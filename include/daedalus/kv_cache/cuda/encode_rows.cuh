@@ -4,7 +4,8 @@
 // The kernels behind the device latent caches (kv_cache/cuda/paged.cuh, contiguous.cuh): the
 // row encoder that rounds fp32 latent rows to the pool's storage type and scatters them to their
 // pool rows, and the finiteness scan that `write` runs before it changes anything. The host
-// helpers below grow device scratch buffers, choose the vector width and launch.
+// helpers below choose the vector width, launch, and batch the encodes of one call, uploading the
+// destination rows through a grow-only cuda::detail::StagedArray (cuda/device_buffer.cuh).
 
 #include <algorithm>
 #include <cstddef>
@@ -112,37 +113,6 @@ __global__ void __launch_bounds__(kScanThreads) find_non_finite(FindNonFinitePar
     if (!finite_bits(p.values[i])) atomicMin(p.first_bad, static_cast<unsigned long long>(i));
   }
 }
-
-namespace detail {
-
-/// A host array and a device copy of it that only grows (doubling), so that a decode loop
-/// reuses one device allocation. cudaFree, on growth, waits for the device: growth is rare.
-template <class T>
-class StagedArray {
- public:
-  /// Makes room for `n` elements on both sides. Done before a caller changes any state, so that
-  /// what may fail (allocation) fails first.
-  void reserve(std::size_t n) {
-    host.reserve(n);
-    if (device_.size() < n) device_ = DeviceBuffer<T>(std::max(n, 2 * device_.size()));
-  }
-  /// Copies `host` to the device on the backend's stream (pageable memory: CUDA stages it
-  /// before the call returns, so `host` may change afterwards).
-  const T* upload(const CudaBackend& backend) {
-    reserve(host.size());
-    if (!host.empty())
-      DAEDALUS_CUDA_CHECK(cudaMemcpyAsync(device_.data(), host.data(), host.size() * sizeof(T),
-                                          cudaMemcpyHostToDevice, backend.stream()));
-    return device_.data();
-  }
-
-  std::vector<T> host;
-
- private:
-  DeviceBuffer<T> device_;
-};
-
-}  // namespace detail
 
 /// Launches encode_latent_rows for `num_rows` rows of LatentDim fp32 values at `rows` (device)
 /// into `pool` rows of storage type T at `dst_rows` (device). Nothing for 0 rows.

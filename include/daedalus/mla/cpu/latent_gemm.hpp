@@ -5,11 +5,8 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "daedalus/core/cpu/linear.hpp"
+#include "daedalus/core/cpu/microkernel_avx512.hpp"
 #include "daedalus/core/tensor_view.hpp"
 
 /// The two products of the absorbed attention inner loop, for one tile of query rows and one
@@ -19,23 +16,18 @@
 /// Keeping scores as [key][row] makes the softmax vertical (one vector holds 16 query rows of one
 /// key) and lets the value product broadcast p[row][key] from contiguous memory; the query tile
 /// is transposed once per tile, never the keys, so the cache is read as it lies.
-/// With AVX-512 both products run on register-blocked micro-kernels (6 × 64 outputs in 24 zmm
-/// accumulators, one operand broadcast from memory into each FMA); elsewhere on Eigen's GEMM.
+/// With AVX-512 both products run on the register-blocked micro-kernel of
+/// core/cpu/microkernel_avx512.hpp (6 × 64 outputs in 24 zmm accumulators, one operand broadcast
+/// from memory into each FMA); elsewhere on Eigen's GEMM.
 namespace daedalus::mla::cpu_kernels {
 
-/// Query rows per packed panel (4 zmm of fp32) and the padding unit of a tile's rows.
-inline constexpr index_t kPanel = 64;
-/// Rows of the broadcast operand per micro-kernel call.
-inline constexpr index_t kRows = 6;
+/// Query rows per packed panel (the micro-kernel's 64 columns) and the padding unit of a tile's
+/// rows.
+inline constexpr index_t kPanel = cpu::kMicroColumns;
 
 /// Whether the register-blocked AVX-512 kernels are compiled in (-mavx512f, or -march=native on
 /// an AVX-512 machine).
-inline constexpr bool has_avx512_kernels =
-#if defined(__AVX512F__)
-    true;
-#else
-    false;
-#endif
+inline constexpr bool has_avx512_kernels = cpu::has_avx512_micro_kernel;
 
 /// Rows of a query tile rounded up to whole panels: the stride of a scoresᵀ row.
 inline index_t padded_rows(index_t rows) { return (rows + kPanel - 1) / kPanel * kPanel; }
@@ -85,69 +77,15 @@ inline void accumulate_portable(const float* p_t, index_t rows, index_t n, index
 
 #if defined(__AVX512F__)
 
-/// out[R, 64] (row stride out_stride) = a[R, width] (row stride a_stride) · panel[width, 64],
-/// or += when `accumulate`; the a values are broadcast, the panel rows loaded.
-template <int R, bool Accumulate>
-inline void micro_kernel(const float* a, index_t a_stride, index_t a_step, index_t depth,
-                         const float* b, index_t b_stride, float* out, index_t out_stride) {
-  __m512 acc[R][4];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j)
-      acc[i][j] = Accumulate ? _mm512_loadu_ps(out + i * out_stride + index_t{16} * j)
-                             : _mm512_setzero_ps();
-  for (index_t d = 0; d < depth; ++d) {
-    const float* brow = b + d * b_stride;
-    const __m512 b0 = _mm512_loadu_ps(brow);
-    const __m512 b1 = _mm512_loadu_ps(brow + 16);
-    const __m512 b2 = _mm512_loadu_ps(brow + 32);
-    const __m512 b3 = _mm512_loadu_ps(brow + 48);
-    for (int i = 0; i < R; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * a_stride + d * a_step]);
-      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(av, b3, acc[i][3]);
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * out_stride + index_t{16} * j, acc[i][j]);
-}
-
-/// Calls `micro.template operator()<R>(row)` over `rows` in blocks of kRows and one remainder.
-template <class Micro>
-inline void for_row_blocks(index_t rows, Micro&& micro) {
-  index_t r = 0;
-  for (; r + kRows <= rows; r += kRows) micro.template operator()<kRows>(r);
-  switch (rows - r) {
-    case 1:
-      micro.template operator()<1>(r);
-      break;
-    case 2:
-      micro.template operator()<2>(r);
-      break;
-    case 3:
-      micro.template operator()<3>(r);
-      break;
-    case 4:
-      micro.template operator()<4>(r);
-      break;
-    case 5:
-      micro.template operator()<5>(r);
-      break;
-    default:
-      break;
-  }
-}
-
 /// scoresᵀ[n, padded_rows] = keys · qᵀ: each key row is broadcast against 64 packed query rows.
 inline void scores_avx512(const QueryTile& tile, const float* keys, index_t n, index_t key_stride,
                           float* scores_t, index_t st_stride) {
   const index_t panels = padded_rows(tile.rows) / kPanel;
   for (index_t p = 0; p < panels; ++p) {
     const float* panel = tile.packed + p * tile.width * kPanel;
-    for_row_blocks(n, [&]<int R>(index_t t) {
-      micro_kernel<R, false>(keys + t * key_stride, key_stride, 1, tile.width, panel, kPanel,
-                             scores_t + t * st_stride + p * kPanel, st_stride);
+    cpu::for_row_blocks(n, [&]<int R>(index_t t) {
+      cpu::micro_kernel<R, false>(keys + t * key_stride, key_stride, 1, tile.width, panel, kPanel,
+                                  scores_t + t * st_stride + p * kPanel, st_stride);
     });
   }
 }
@@ -157,9 +95,9 @@ inline void scores_avx512(const QueryTile& tile, const float* keys, index_t n, i
 inline void accumulate_avx512(const float* p_t, index_t rows, index_t n, index_t pt_stride,
                               const float* keys, index_t key_stride, index_t values, float* acc) {
   for (index_t j = 0; j < values; j += kPanel) {
-    for_row_blocks(rows, [&]<int R>(index_t r) {
-      micro_kernel<R, true>(p_t + r, 1, pt_stride, n, keys + j, key_stride, acc + r * values + j,
-                            values);
+    cpu::for_row_blocks(rows, [&]<int R>(index_t r) {
+      cpu::micro_kernel<R, true>(p_t + r, 1, pt_stride, n, keys + j, key_stride,
+                                 acc + r * values + j, values);
     });
   }
 }

@@ -116,7 +116,7 @@ inline void scores_bf16(const QueryTileBf16& tile, const bfloat16* keys, index_t
   const auto* key_units = reinterpret_cast<const std::uint32_t*>(keys);
   for (index_t p = 0; p < panels; ++p) {
     const std::uint32_t* panel = tile.packed + p * pairs * kPanel;
-    for_row_blocks(n, [&]<int R>(index_t t) {
+    cpu::for_row_blocks(n, [&]<int R>(index_t t) {
       bf16_micro_kernel<R, false>(key_units + t * (key_stride / 2), key_stride / 2, 1, pairs, panel,
                                   kPanel, scores_t + t * st_stride + p * kPanel, st_stride);
     });
@@ -179,7 +179,7 @@ inline void accumulate_bf16(const std::uint32_t* p_pairs, index_t rows, index_t 
                             const std::uint32_t* v_pairs, index_t values, float* acc) {
   const index_t width = padded_rows(rows);
   for (index_t j = 0; j < values; j += kPanel) {
-    for_row_blocks(rows, [&]<int R>(index_t r) {
+    cpu::for_row_blocks(rows, [&]<int R>(index_t r) {
       bf16_micro_kernel<R, true>(p_pairs + r, 1, width, key_pairs, v_pairs + j, values,
                                  acc + r * values + j, values);
     });

@@ -64,11 +64,6 @@ class AbsorbedDecodeWorkspace {
  private:
   friend struct detail::DecodeLaunch;
 
-  template <class T>
-  static void reserve(daedalus::cuda::DeviceBuffer<T>& buffer, std::size_t size) {
-    if (buffer.size() < size) buffer = daedalus::cuda::DeviceBuffer<T>(size);
-  }
-
   int parts_ = 0;
   int sm_count_ = 0;      // of the device current at the first call
   int shared_limit_ = 0;  // likewise: its opt-in shared memory per block
@@ -151,9 +146,9 @@ struct DecodeLaunch {
     // Each part touches at most two split entries (its first and its last), so the split pieces
     // number at most 2 · parts, whatever the batch.
     const std::size_t slots = 2 * std::size_t(parts);
-    AbsorbedDecodeWorkspace::reserve(workspace.schedule_, DecodeSchedule::ints(batch));
-    AbsorbedDecodeWorkspace::reserve(workspace.partial_out_, slots * std::size_t(rows_per_seq) * V);
-    AbsorbedDecodeWorkspace::reserve(workspace.partial_lse_, slots * std::size_t(rows_per_seq));
+    daedalus::cuda::grow(workspace.schedule_, DecodeSchedule::ints(batch));
+    daedalus::cuda::grow(workspace.partial_out_, slots * std::size_t(rows_per_seq) * V);
+    daedalus::cuda::grow(workspace.partial_lse_, slots * std::size_t(rows_per_seq));
     workspace.last_batch_ = batch;
 
     daedalus::cuda::launch(backend, {dim3(1), dim3(DecodeTiling::schedule_threads)},
@@ -282,8 +277,8 @@ void absorbed_decode(const CudaBackend& backend,
 /// The device-side checks that PagedLatentView::validate makes on the host, for a view whose
 /// tables live on the device: every length in [0, max_blocks · BlockSize], every block-table
 /// entry a sequence uses (the first ceil(len / BlockSize) of its row) in [0, num_blocks). One
-/// small kernel and one copy back (a host sync: this is the check of user input that the issue
-/// allows; a cache that built its own tables needs none).
+/// small kernel and one copy back (a host sync: the price of checking user input before any
+/// kernel reads it; a cache that built its own tables needs none).
 /// @throws InvalidArgument (extents, negative num_blocks, a null pool with used blocks) and
 ///         OutOfRange (the first bad entry, named exactly as the host check names it).
 template <MlaConfig C, class Storage, int BS>

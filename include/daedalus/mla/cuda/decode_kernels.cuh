@@ -31,16 +31,6 @@
 #include "daedalus/cuda/shared_memory.cuh"
 #include "daedalus/kv_cache/cuda/device_rows.cuh"
 
-// Loops over register arrays must be unrolled, or their indices force the arrays into local
-// memory. nvcc honours `#pragma unroll`; host compilers (the emulation) need nothing.
-#if !defined(DAEDALUS_UNROLL)
-#if defined(__CUDACC__)
-#define DAEDALUS_UNROLL _Pragma("unroll")
-#else
-#define DAEDALUS_UNROLL
-#endif
-#endif
-
 namespace daedalus::mla::cuda::detail {
 
 /// Fixed tiling of the decode kernels.
@@ -224,32 +214,8 @@ using ::daedalus::cuda::Bytes16;
 
 using ::daedalus::cuda::detail::store_pair;
 
-/// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg, sm_80+: the
-/// data does not pass through registers, so a thread keeps all its copies of a key block in
-/// flight at once). Complete only after wait_async_copies() in the issuing thread, and visible to
-/// the block after the barrier that follows it.
-__device__ __forceinline__ void copy_async_16(void* shared_dst, const void* global_src) {
-#if defined(DAEDALUS_CUDA_EMULATION)
-  ::daedalus::cuda_emulation::copy_async_16(shared_dst, global_src);
-#elif defined(__CUDA_ARCH__)
-  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_src)
-               : "memory");
-#else
-  (void)shared_dst;
-  (void)global_src;
-#endif
-}
-
-/// Waits until every copy_async_16 this thread issued has landed.
-__device__ __forceinline__ void wait_async_copies() {
-#if defined(DAEDALUS_CUDA_EMULATION)
-  ::daedalus::cuda_emulation::wait_async_copies();
-#elif defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
+using ::daedalus::cuda::copy_async_16;
+using ::daedalus::cuda::wait_async_copies;
 
 /// Copies cached rows [key0, key0 + valid) of entry b into the K block in shared memory (row j at
 /// k_shared + j · Shape::ld), zero-filling rows past `valid` and columns past D, so that rows no

@@ -115,10 +115,10 @@ struct CausalSoftmaxParams {
 
 inline constexpr int kSoftmaxThreads = 128;
 
-/// Softmax in fp32 over the visible keys of one score row per block (bottom-right causal mask,
-/// reference/mla.md step 5): p_t = exp(s_t·scale - max) / Σ exp(...), masked keys get exactly 0,
-/// and a row that sees no key becomes all zeros (as the CPU backend's rows without keys).
-/// kThreads is the block size (a template: a kernel defined in a header must be one).
+/// Softmax in fp32 over the visible keys of one score row per block (the bottom-right causal mask
+/// of docs/architecture.md, "Causality"): p_t = exp(s_t·scale - max) / Σ exp(...), masked keys get
+/// exactly 0, and a row that sees no key becomes all zeros (as the CPU backend's rows without
+/// keys). kThreads is the block size (a template: a kernel defined in a header must be one).
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) causal_softmax(CausalSoftmaxParams p) {
   __shared__ float reduce[kThreads];

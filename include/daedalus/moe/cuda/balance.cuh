@@ -548,11 +548,6 @@ class DeviceBalanceLoss {
   }
 
  private:
-  template <class T>
-  static void grow(cuda::DeviceBuffer<T>& buffer, std::size_t size) {
-    if (buffer.size() < size) buffer = cuda::DeviceBuffer<T>(size);
-  }
-
   TensorView<double, 1, DeviceMemory> value_view() {
     if (value_.size() == 0) value_ = cuda::DeviceBuffer<double>(1);
     return {value_.data(), {1}};
@@ -564,10 +559,10 @@ class DeviceBalanceLoss {
     const long long tokens = scores.extent(0);
     const int experts = int(scores.extent(1));
     const long long chunks = (tokens + lk::kChunk - 1) / lk::kChunk;
-    grow(sums_, std::size_t(tokens));
-    grow(counts_, std::size_t(experts));
-    grow(terms_, std::size_t(experts));
-    grow(partial_, std::size_t(chunks) * std::size_t(experts));
+    cuda::grow(sums_, std::size_t(tokens));
+    cuda::grow(counts_, std::size_t(experts));
+    cuda::grow(terms_, std::size_t(experts));
+    cuda::grow(partial_, std::size_t(chunks) * std::size_t(experts));
     DAEDALUS_CUDA_CHECK(
         cudaMemsetAsync(first_bad_.data(), 0xff, first_bad_.bytes(), backend.stream()));
     DAEDALUS_CUDA_CHECK(cudaMemsetAsync(counts_.data(), 0, std::size_t(experts) * sizeof(unsigned),

@@ -4,7 +4,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
-#include <type_traits>
 #include <vector>
 
 #include "daedalus/config/concepts.hpp"
@@ -74,16 +73,13 @@ class CublasExpertWorkspace {
 
   /// Grows every buffer to hold `rows` rows of a config with `dim`, `inter` and `experts`.
   void reserve(std::size_t rows, std::size_t dim, std::size_t inter, std::size_t experts) {
-    const auto grow = [](auto& buffer, std::size_t size) {
-      if (buffer.size() < size) buffer = std::remove_reference_t<decltype(buffer)>(size);
-    };
-    grow(x_, rows * dim);
-    grow(gate_up_, rows * 2 * inter);
-    grow(hidden_, rows * inter);
-    grow(y_, rows * dim);
-    grow(operands_, 4 * experts);
-    grow(results_, 2 * experts);
-    grow(segments_, 2 * experts + 1);
+    cuda::grow(x_, rows * dim);
+    cuda::grow(gate_up_, rows * 2 * inter);
+    cuda::grow(hidden_, rows * inter);
+    cuda::grow(y_, rows * dim);
+    cuda::grow(operands_, 4 * experts);
+    cuda::grow(results_, 2 * experts);
+    cuda::grow(segments_, 2 * experts + 1);
     if (host_segments_.size() < 2 * experts + 1) host_segments_.resize(2 * experts + 1);
   }
 
@@ -338,12 +334,9 @@ class CublasSharedExpertWorkspace {
                                     TensorView<float, 2, DeviceMemory>);
 
   void reserve(std::size_t tokens, std::size_t dim, std::size_t width) {
-    const auto grow = [](auto& buffer, std::size_t size) {
-      if (buffer.size() < size) buffer = std::remove_reference_t<decltype(buffer)>(size);
-    };
-    grow(x_, tokens * dim);
-    grow(gate_up_, tokens * 2 * width);
-    grow(hidden_, tokens * width);
+    cuda::grow(x_, tokens * dim);
+    cuda::grow(gate_up_, tokens * 2 * width);
+    cuda::grow(hidden_, tokens * width);
   }
 
   cuda::DeviceBuffer<std::uint16_t> x_;       // [tokens, dim] T bits

@@ -105,9 +105,9 @@ class MoeLayer<C, CudaBackend> {
     // Every step writes into the next_* buffers; they become the layer's state only once all
     // that can throw has succeeded, so a failed call leaves the layer as it was.
     constexpr index_t experts = C::n_routed_experts;
-    next_ids_ = grow(std::move(next_ids_), tokens * k);
-    next_weights_ = grow(std::move(next_weights_), tokens * k);
-    next_logits_ = grow(std::move(next_logits_), tokens * experts);
+    cuda::grow(next_ids_, std::size_t(tokens * k));
+    cuda::grow(next_weights_, std::size_t(tokens * k));
+    cuda::grow(next_logits_, std::size_t(tokens * experts));
     const TensorView<std::int32_t, 2, DeviceMemory> ids(next_ids_.data(), {tokens, k});
     const TensorView<float, 2, DeviceMemory> weights(next_weights_.data(), {tokens, k});
     route(backend, gate_, x,
@@ -120,7 +120,7 @@ class MoeLayer<C, CudaBackend> {
     const index_t rows = next_plan_.rows();
     constexpr index_t inter = C::moe_inter_dim;
     constexpr index_t shared_width = SharedExpertWeights<C>::width;
-    expert_out_ = grow(std::move(expert_out_), rows * dim);
+    cuda::grow(expert_out_, std::size_t(rows * dim));
     const TensorView<float, 2, DeviceMemory> expert_out(expert_out_.data(), {rows, dim});
     if (expert_path_ == DeviceExpertPath::cublas_grouped) {  // its workspaces hold the rest
       const TensorView<float, 2, DeviceMemory> expert_in = dispatched(rows);
@@ -130,8 +130,8 @@ class MoeLayer<C, CudaBackend> {
                             expert_out);
       shared_experts_cublas(backend, shared_, x, cublas_shared_, out);
     } else {
-      hidden_ = grow(std::move(hidden_), rows * inter);
-      shared_hidden_ = grow(std::move(shared_hidden_), tokens * shared_width);
+      cuda::grow(hidden_, std::size_t(rows * inter));
+      cuda::grow(shared_hidden_, std::size_t(tokens * shared_width));
       const TensorView<float, 2, DeviceMemory> hidden(hidden_.data(), {rows, inter});
       if (expert_path_ == DeviceExpertPath::grouped_mma_permuted_read) {
         routed_experts_from_tokens(backend, experts_, next_plan_, x, hidden, expert_out);
@@ -238,17 +238,8 @@ class MoeLayer<C, CudaBackend> {
 
   /// The [rows, dim] buffer of dispatched rows, grown to `rows`.
   TensorView<float, 2, DeviceMemory> dispatched(index_t rows) {
-    expert_in_ = grow(std::move(expert_in_), rows * dim);
+    cuda::grow(expert_in_, std::size_t(rows * dim));
     return {expert_in_.data(), {rows, dim}};
-  }
-
-  /// A buffer of at least `size` elements (at least one, so that every pointer is valid): `old`
-  /// when it is large enough, else a new one.
-  template <class T>
-  static cuda::DeviceBuffer<T> grow(cuda::DeviceBuffer<T>&& old, index_t size) {
-    const std::size_t n = size > 0 ? std::size_t(size) : 1;
-    if (old.size() >= n) return std::move(old);
-    return cuda::DeviceBuffer<T>(n);
   }
 
   PlanSettings plan_settings_;

@@ -341,23 +341,24 @@ class DeviceRoutingPlan {
     const int chunks = (n + k::kChunk - 1) / k::kChunk;
     const auto experts = std::size_t(num_experts);
     // The build writes into the spare arrays (double buffering): the current plan stays intact
-    // until everything is issued, so a failed build leaves it as it was.
+    // until everything is issued, so a failed build leaves it as it was. A grown buffer is never
+    // empty, so every pointer handed to a kernel is valid, even for an empty batch.
     ScratchArrays& scratch = scratch_;
-    scratch.chunk_counts = grow(std::move(scratch.chunk_counts), std::size_t(chunks) * experts);
-    scratch.rank = grow(std::move(scratch.rank), std::size_t(n));
-    scratch.position = grow(std::move(scratch.position), std::size_t(n));
-    scratch.sorted = grow(std::move(scratch.sorted), std::size_t(n));
-    scratch.kept = grow(std::move(scratch.kept), std::size_t(n));
-    scratch.starts = grow(std::move(scratch.starts), experts + 1);
+    cuda::grow(scratch.chunk_counts, std::size_t(chunks) * experts);
+    cuda::grow(scratch.rank, std::size_t(n));
+    cuda::grow(scratch.position, std::size_t(n));
+    cuda::grow(scratch.sorted, std::size_t(n));
+    cuda::grow(scratch.kept, std::size_t(n));
+    cuda::grow(scratch.starts, experts + 1);
     PlanArrays& next = spare_;
-    next.routed_counts = grow(std::move(next.routed_counts), experts);
-    next.counts = grow(std::move(next.counts), experts);
-    next.offsets = grow(std::move(next.offsets), experts + 1);
-    next.dropped = grow(std::move(next.dropped), 1);
-    next.row_block_starts = grow(std::move(next.row_block_starts), experts + 1);
-    next.row_slot = grow(std::move(next.row_slot), std::size_t(max_rows));
-    next.row_weight = grow(std::move(next.row_weight), std::size_t(max_rows));
-    next.slot_row = grow(std::move(next.slot_row), std::size_t(n));
+    cuda::grow(next.routed_counts, experts);
+    cuda::grow(next.counts, experts);
+    cuda::grow(next.offsets, experts + 1);
+    cuda::grow(next.dropped, 1);
+    cuda::grow(next.row_block_starts, experts + 1);
+    cuda::grow(next.row_slot, std::size_t(max_rows));
+    cuda::grow(next.row_weight, std::size_t(max_rows));
+    cuda::grow(next.slot_row, std::size_t(n));
 
     DAEDALUS_CUDA_CHECK(cudaMemsetAsync(scratch.chunk_counts.data(), 0,
                                         std::size_t(chunks) * experts * sizeof(int),
@@ -474,15 +475,6 @@ class DeviceRoutingPlan {
 
   static unsigned blocks_for(index_t n) {
     return unsigned((n + detail::plan_kernels::kThreads - 1) / detail::plan_kernels::kThreads);
-  }
-
-  /// A buffer of at least `size` elements: `old` when it is large enough (reused between
-  /// batches), else a new one. Never empty, so every pointer handed to a kernel is valid.
-  template <class T>
-  static cuda::DeviceBuffer<T> grow(cuda::DeviceBuffer<T>&& old, std::size_t size) {
-    if (size == 0) size = 1;
-    if (old.size() >= size) return std::move(old);
-    return cuda::DeviceBuffer<T>(size);
   }
 
   /// Throws RoutingPlan::build's error for slot `slot`, reading its id and weight back.

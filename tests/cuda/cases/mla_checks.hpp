@@ -520,6 +520,123 @@ void check_layer_against_cpu(const CudaBackend& cuda, mla::AttentionMode prefill
 
 /// Prefill of one prompt in naive and absorbed mode on the device, over contiguous bf16 caches:
 /// the two forms of MLA agree (both against each other and each against the CPU's own pair).
+/// Two layers on one allocator per backend, stepped with one SlotReservation per step: a prompt
+/// per sequence reserved and prefilled by both layers, then decode steps of the batch {1, 0}.
+/// Lengths advance once per step on both; each device layer's output and rows match the CPU's
+/// (the layer bound per layer); a reservation made stale by a later change of its sequence gets
+/// the same typed error on both backends and changes neither.
+template <MlaConfig C>
+void check_reserved_steps_against_cpu(const CudaBackend& cuda) {
+  using S = MlaShape<C>;
+  constexpr int kBlock = 16;
+  constexpr int kLayers = 2;
+  using HostCache = PagedLatentCache<C, CpuBackend, bfloat16, kBlock>;
+  using DeviceCache = PagedLatentCache<C, CudaBackend, bfloat16, kBlock>;
+  const CpuBackend cpu(2);
+  std::vector<mla::MlaWeights<C>> host_w;
+  std::vector<mla::DeviceMlaWeights<C>> dev_w;
+  dev_w.reserve(kLayers);
+  for (int l = 0; l < kLayers; ++l) {
+    const mla::MlaWeights<C> w = WeightArrays<C>::random(0x5E5Au + std::uint64_t(l)).weights();
+    host_w.push_back(mla::DeviceMlaWeights<C>::rounded(w));
+    dev_w.emplace_back(cuda, w);
+  }
+  BlockAllocator host_alloc = HostCache::make_allocator(16);
+  BlockAllocator dev_alloc = DeviceCache::make_allocator(16);
+  std::vector<HostCache> host_caches;
+  std::vector<DeviceCache> dev_caches;
+  for (int l = 0; l < kLayers; ++l) {
+    host_caches.emplace_back(host_alloc);
+    dev_caches.emplace_back(dev_alloc, cuda);
+  }
+  for (int s = 0; s < 2; ++s) {
+    REQUIRE(host_alloc.add_sequence() == s);
+    REQUIRE(dev_alloc.add_sequence() == s);
+  }
+  double worst = 0.0;
+  std::uint64_t offset = 7300;
+  const index_t prompt[2] = {37, 20};
+  for (index_t seq = 0; seq < 2; ++seq) {
+    const index_t seqs[] = {seq};
+    const SlotReservation host_slots = host_alloc.reserve(seqs, prompt[seq]);
+    const SlotReservation dev_slots = dev_alloc.reserve(seqs, prompt[seq]);
+    std::vector<float> host_x = random_tokens(std::size_t(prompt[seq]), S::dim, ++offset);
+    std::vector<float> dev_x = host_x;
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<float> host_out(host_x.size());
+      mla::prefill(cpu, host_w[std::size_t(l)], host_caches[std::size_t(l)], host_slots,
+                   HostView<const float, 2>(host_x.data(), {prompt[seq], S::dim}),
+                   HostView<float, 2>(host_out.data(), {prompt[seq], S::dim}));
+      auto d_x = dcuda::to_device(cuda, dev_x);
+      dcuda::DeviceBuffer<float> d_out(dev_x.size());
+      mla::prefill(cuda, dev_w[std::size_t(l)], dev_caches[std::size_t(l)], dev_slots,
+                   TensorView<const float, 2, DeviceMemory>(d_x.data(), {prompt[seq], S::dim}),
+                   d_out.view<2>({prompt[seq], S::dim}));
+      dev_x = dcuda::to_host(cuda, d_out);
+      host_x = std::move(host_out);
+      worst = std::max(worst, tol::row_relative_error(dev_x, host_x, std::size_t(S::dim)));
+      // Each layer is compared from the same input, so the bound stays one layer's.
+      dev_x = host_x;
+    }
+  }
+  const std::vector<index_t> batch = {1, 0};
+  const index_t n = index_t(batch.size());
+  for (const index_t q_len : {1, 2, 1}) {
+    const SlotReservation host_slots = host_alloc.reserve(batch, q_len);
+    const SlotReservation dev_slots = dev_alloc.reserve(batch, q_len);
+    std::vector<float> host_x = random_tokens(std::size_t(n * q_len), S::dim, ++offset);
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<float> host_out(host_x.size());
+      mla::decode(cpu, host_w[std::size_t(l)], host_caches[std::size_t(l)], host_slots,
+                  HostView<const float, 3>(host_x.data(), {n, q_len, S::dim}),
+                  HostView<float, 3>(host_out.data(), {n, q_len, S::dim}));
+      auto d_x = dcuda::to_device(cuda, host_x);
+      dcuda::DeviceBuffer<float> d_out(host_x.size());
+      mla::decode(cuda, dev_w[std::size_t(l)], dev_caches[std::size_t(l)], dev_slots,
+                  TensorView<const float, 3, DeviceMemory>(d_x.data(), {n, q_len, S::dim}),
+                  d_out.view<3>({n, q_len, S::dim}));
+      worst = std::max(worst, tol::row_relative_error(dcuda::to_host(cuda, d_out), host_out,
+                                                      std::size_t(S::dim)));
+      host_x = std::move(host_out);
+    }
+  }
+  MESSAGE("reserved steps on CUDA vs CPU, per layer: worst row-relative error " << worst);
+  CHECK(worst <= kLayerTolerance);
+  for (index_t seq = 0; seq < 2; ++seq) {
+    CHECK(dev_alloc.length(seq) == prompt[seq] + 4);
+    CHECK(host_alloc.length(seq) == prompt[seq] + 4);
+    for (int l = 0; l < kLayers; ++l)
+      CHECK(tol::row_relative_error(dev_caches[std::size_t(l)].rows(seq),
+                                    host_caches[std::size_t(l)].rows(seq),
+                                    std::size_t(S::latent_dim)) <= kRowsTolerance);
+  }
+  // A stale reservation: the same error on both backends, nothing changed.
+  const index_t one[] = {0};
+  const SlotReservation host_stale = host_alloc.reserve(one, 1);
+  const SlotReservation dev_stale = dev_alloc.reserve(one, 1);
+  host_alloc.truncate(0, 10);
+  dev_alloc.truncate(0, 10);
+  const std::vector<float> x = random_tokens(1, S::dim, ++offset);
+  auto d_x = dcuda::to_device(cuda, x);
+  dcuda::DeviceBuffer<float> d_out(x.size());
+  std::vector<float> out(x.size());
+  const auto dev_rows = dev_caches[1].rows(0);
+  const std::string dev_error = message_of<InvalidArgument>([&] {
+    mla::decode(cuda, dev_w[1], dev_caches[1], dev_stale,
+                TensorView<const float, 3, DeviceMemory>(d_x.data(), {1, 1, S::dim}),
+                d_out.view<3>({1, 1, S::dim}));
+  });
+  const std::string host_error = message_of<InvalidArgument>([&] {
+    mla::decode(cpu, host_w[1], host_caches[1], host_stale,
+                HostView<const float, 3>(x.data(), {1, 1, S::dim}),
+                HostView<float, 3>(out.data(), {1, 1, S::dim}));
+  });
+  CHECK(contains(dev_error, "daedalus::mla::decode: 'slots' is stale"));
+  CHECK(dev_error == host_error);
+  CHECK(dev_alloc.length(0) == 10);
+  CHECK(dev_caches[1].rows(0) == dev_rows);
+}
+
 template <MlaConfig C>
 void check_naive_equals_absorbed(const CudaBackend& cuda) {
   using S = MlaShape<C>;
@@ -797,6 +914,10 @@ TEST_SUITE("cuda mla") {
   TEST_CASE(
       "MLA on CUDA over contiguous caches on an owned stream, naive and absorbed, vs the CPU") {
     check_contiguous_on_stream<daedalus::Tiny>();
+  }
+  TEST_CASE_TEMPLATE("MLA layers on CUDA stepped with one slot reservation per step vs the CPU", C,
+                     daedalus::Tiny, daedalus::TinyNoQLora) {
+    check_reserved_steps_against_cpu<C>(daedalus::CudaBackend{});
   }
   TEST_CASE("CUDA naive and absorbed prefill agree") {
     check_naive_equals_absorbed<daedalus::Tiny>(daedalus::CudaBackend{});

@@ -16,6 +16,8 @@
 #include "daedalus/core/error.hpp"
 #include "daedalus/core/tensor_view.hpp"
 #include "daedalus/kv_cache/block_allocator.hpp"
+#include "daedalus/kv_cache/cpu/paged_pool.hpp"
+#include "daedalus/kv_cache/paged_pool.hpp"
 #include "daedalus/kv_cache/paged_view.hpp"
 #include "daedalus/kv_cache/storage.hpp"
 
@@ -38,23 +40,29 @@ namespace daedalus {
 /// would append after the first layer's rows.
 ///
 /// @tparam C         an MlaConfig
-/// @tparam Backend   where the pool lives; this header provides the host (CpuBackend) storage
-/// @tparam Storage   float, bfloat16, half or Fp8E4m3Latent (see LatentRowFormat)
+/// One type for every backend: the API, its checks and its messages are written here; where the
+/// pool lives and how rows move is the backend's detail::PagedPool (host:
+/// kv_cache/cpu/paged_pool.hpp; device, with its extra accessors such as encode_rows, upload and
+/// download: kv_cache/cuda/paged.cuh). Which blocks a sequence holds is host data on every
+/// backend (the BlockAllocator).
+///
+/// @tparam Backend   CpuBackend (this header) or CudaBackend (<daedalus/cuda.cuh>)
+/// @tparam Storage   float, bfloat16, half or Fp8E4m3Latent on the CPU, bfloat16 or half on the
+///                   GPU (see LatentRowFormat)
 /// @tparam BlockSize tokens per block (FlashMLA uses 64); must equal the allocator's block_size
 template <MlaConfig C, class Backend = CpuBackend, class Storage = float, int BlockSize = 64>
-class PagedLatentCache final : private detail::BlockPoolHook {
-  static_assert(std::same_as<typename Backend::memory_space, HostMemory>,
-                "daedalus::PagedLatentCache: no implementation for this backend is visible: "
-                "include <daedalus/cuda.cuh> in a .cu file for CudaBackend");
+class PagedLatentCache final : public detail::PagedPool<C, Backend, Storage, BlockSize> {
   static_assert(LatentStorage<Storage>,
                 "daedalus::PagedLatentCache: Storage must be float, bfloat16, half or "
                 "Fp8E4m3Latent");
   static_assert(BlockSize >= 1, "daedalus::PagedLatentCache: BlockSize must be at least 1");
+  using Pool = detail::PagedPool<C, Backend, Storage, BlockSize>;
 
  public:
   using config = C;
   using backend_type = Backend;
   using storage_type = Storage;
+  using memory_space = typename Backend::memory_space;
   using format = LatentRowFormat<C, Storage>;
   static constexpr int block_size = BlockSize;
   static constexpr int latent_dim = MlaShape<C>::latent_dim;
@@ -64,15 +72,6 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   static constexpr std::size_t row_bytes = format::row_bytes;
   static constexpr std::size_t block_bytes = row_bytes * std::size_t(BlockSize);
 
-  /// A pool of allocator.num_blocks() blocks, zero-filled, registered with `allocator` so that
-  /// its copy-on-write copies reach this pool. The cache keeps a handle of the allocator, so
-  /// either may be destroyed first.
-  /// @throws InvalidArgument when allocator.block_size() != BlockSize.
-  explicit PagedLatentCache(const BlockAllocator& allocator)
-      : allocator_(check_allocator(allocator)), pool_(allocate(allocator.num_blocks())) {
-    allocator_.register_pool(this);
-  }
-
   /// An allocator of `num_blocks` blocks of this cache's BlockSize tokens, for every layer's
   /// pool: the block size is then stated once, in the cache type.
   /// @throws InvalidArgument as BlockAllocator's constructor.
@@ -80,122 +79,102 @@ class PagedLatentCache final : private detail::BlockPoolHook {
     return BlockAllocator(num_blocks, BlockSize);
   }
 
+  /// A pool of allocator.num_blocks() blocks, zero-filled (on the device: on the backend's
+  /// stream), registered with `allocator` so that its copy-on-write copies reach this pool. The
+  /// cache keeps a handle of the allocator, so either may be destroyed first.
+  /// @throws InvalidArgument when allocator.block_size() != BlockSize; CudaError (device) when
+  ///         the pool cannot be allocated.
+  explicit PagedLatentCache(const BlockAllocator& allocator, const Backend& backend = {})
+      : Pool(check_allocator(allocator), backend) {
+    this->allocator_.register_pool(this);
+  }
+
   PagedLatentCache(const PagedLatentCache&) = delete;
   PagedLatentCache& operator=(const PagedLatentCache&) = delete;
   PagedLatentCache& operator=(PagedLatentCache&&) = delete;
   /// Moves the pool; the allocator then copies on write into the new object.
-  PagedLatentCache(PagedLatentCache&& other) noexcept
-      : BlockPoolHook(other), allocator_(other.allocator_), pool_(std::move(other.pool_)) {
-    allocator_.replace_pool(&other, this);
+  PagedLatentCache(PagedLatentCache&& other) noexcept : Pool(std::move(other)) {
+    this->allocator_.replace_pool(&other, this);
     other.registered_ = false;
   }
   ~PagedLatentCache() {
-    if (registered_) allocator_.unregister_pool(this);
+    if (this->registered_) this->allocator_.unregister_pool(this);
   }
 
   /// A handle of the allocator this pool is registered with.
-  [[nodiscard]] BlockAllocator allocator() const { return allocator_; }
-  [[nodiscard]] index_t num_blocks() const { return allocator_.num_blocks(); }
+  [[nodiscard]] BlockAllocator allocator() const { return this->allocator_; }
+  [[nodiscard]] index_t num_blocks() const { return this->allocator_.num_blocks(); }
   /// Bytes of one cached token in this pool (row_bytes).
   static constexpr std::size_t bytes_per_token() { return row_bytes; }
   /// Bytes the pool holds allocated.
   [[nodiscard]] std::size_t bytes() const { return std::size_t(num_blocks()) * block_bytes; }
 
-  /// The pool, [num_blocks, BlockSize, row_bytes] bytes (FlashMLA's `k_cache` layout).
-  [[nodiscard]] const std::byte* pool_data() const { return pool_.get(); }
-  /// The pool, writable: for a caller that fills blocks with its own kernels (the interchange
-  /// with FlashMLA-style code). Rows written this way bypass the checks of `write`.
-  [[nodiscard]] std::byte* pool_data() { return pool_.get(); }
-  /// Row `slot` of block `block` (no checks: for kernels that validated their block table).
-  [[nodiscard]] const std::byte* row_pointer(std::int32_t block, index_t slot) const {
-    return pool_.get() + (std::size_t(block) * BlockSize + std::size_t(slot)) * row_bytes;
-  }
-
-  /// The view of sequences `seqs` (in that order) that FlashMLA-style kernels and
-  /// mla::absorbed_attention read: this pool, with the block table and lengths written into
-  /// `storage` (which the view points into, so it must outlive the view and not change).
-  /// @throws OutOfRange for a released or unknown sequence.
-  [[nodiscard]] PagedLatentView<C, Storage, BlockSize> view(std::span<const index_t> seqs,
-                                                            BlockTable& storage) const {
-    allocator_.block_table(seqs, storage);
-    return {pool_data(), num_blocks(),
-            HostView<const std::int32_t, 2>(storage.table.data(),
-                                            {storage.batch(), storage.max_blocks}),
-            HostView<const std::int32_t, 1>(storage.seqlens.data(), {storage.batch()})};
-  }
-
   /// Tokens sequence `seq` holds. @throws OutOfRange for a released or unknown sequence.
-  [[nodiscard]] index_t length(index_t seq) const { return allocator_.length(seq); }
+  [[nodiscard]] index_t length(index_t seq) const { return this->allocator_.length(seq); }
   /// The live sequences of the allocator, named as in ContiguousLatentCache (index_t ids).
-  [[nodiscard]] index_t num_sequences() const { return allocator_.num_sequences(); }
+  [[nodiscard]] index_t num_sequences() const { return this->allocator_.num_sequences(); }
   /// True when `seq` was added to the allocator and not released.
-  [[nodiscard]] bool contains(index_t seq) const { return allocator_.contains(seq); }
+  [[nodiscard]] bool contains(index_t seq) const { return this->allocator_.contains(seq); }
   /// The ids of the live sequences, ascending.
-  [[nodiscard]] std::vector<index_t> sequences() const { return allocator_.sequences(); }
+  [[nodiscard]] std::vector<index_t> sequences() const { return this->allocator_.sequences(); }
 
   /// Checks what `write(seq, start_pos, rows of n)` would check, without writing: the sequence is
   /// live, start_pos lies in [0, length(seq)], and the pool has the free blocks the write needs,
   /// copy-on-write copies included. Messages start with `caller`.
   /// @throws OutOfRange, InvalidArgument or CapacityError as write does.
   void check_write(std::string_view caller, index_t seq, index_t start_pos, index_t n) const {
-    allocator_.check_write(caller, seq, start_pos, n);
+    this->allocator_.check_write(caller, seq, start_pos, n);
   }
 
-  /// Writes `rows` ([n, latent_dim], fp32, converted to the row format) at positions
-  /// [start_pos, start_pos + n) of sequence `seq` and sets its length to start_pos + n: rows at and
-  /// past start_pos are replaced (a chunk may be recomputed). Shared blocks the write touches are
-  /// copied first, in every layer's pool.
+  /// Writes `rows` ([n, latent_dim], fp32 in the backend's memory, converted to the row format)
+  /// at positions [start_pos, start_pos + n) of sequence `seq` and sets its length to
+  /// start_pos + n: rows at and past start_pos are replaced (a chunk may be recomputed). Shared
+  /// blocks the write touches are copied first, in every layer's pool. On the GPU the
+  /// finiteness check runs on the device and costs one flag copy (a stream synchronisation);
+  /// `encode_rows` is the path without it.
   /// @throws OutOfRange for a released or unknown sequence or start_pos > length(seq);
   ///         CapacityError when the pool lacks free blocks; InvalidArgument for a bad shape;
-  ///         NumericError for a NaN or infinite value. Nothing changes when it throws.
-  void write(index_t seq, index_t start_pos, HostView<const float, 2> rows) {
+  ///         NumericError for a NaN or infinite value (naming its row and column). Nothing
+  ///         changes when it throws (a CudaError after the allocator was updated means the
+  ///         device failed, and the pool is then lost anyway).
+  void write(index_t seq, index_t start_pos, TensorView<const float, 2, memory_space> rows) {
+    this->check_usable();
     check_write(kWrite, seq, start_pos, rows.extent(0));
     detail::check_extents(kWrite, "rows", rows, {rows.extent(0), latent_dim});
-    const index_t n = rows.extent(0);
-    for (index_t i = 0; i < n * latent_dim; ++i) {
-      if (!std::isfinite(rows.data()[i])) {
-        throw NumericError(detail::message(kWrite, ": 'rows' holds a non-finite value (",
-                                           rows.data()[i], ") at row ", i / latent_dim, ", column ",
-                                           i % latent_dim));
-      }
-    }
-    allocator_.prepare_write(kWrite, seq, start_pos, n);
-    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
-    for (index_t i = 0; i < n; ++i) {
-      const index_t pos = start_pos + i;
-      format::encode(rows.data() + i * latent_dim,
-                     mutable_row(blocks[std::size_t(pos / BlockSize)], pos % BlockSize));
-    }
+    this->require_finite_rows(kWrite, rows);
+    this->reserve_rows(rows.extent(0));  // the last allocation before the allocator changes
+    this->allocator_.prepare_write(kWrite, seq, start_pos, rows.extent(0));
+    this->check_usable();
+    this->encode(this->allocator_.blocks(seq), start_pos, rows);
   }
 
   /// Appends `rows` ([n, latent_dim]) after the tokens of sequence `seq`.
   /// @throws InvalidArgument when the allocator serves more than one pool (layers share lengths:
   ///         write at explicit positions, or reserve the step); otherwise as write.
-  void append(index_t seq, HostView<const float, 2> rows) {
-    allocator_.check_live(kAppend, seq);
-    allocator_.require_single_pool(kAppend);
+  void append(index_t seq, TensorView<const float, 2, memory_space> rows) {
+    this->allocator_.check_live(kAppend, seq);
+    this->allocator_.require_single_pool(kAppend);
     write(seq, length(seq), rows);
   }
 
-  /// Reads tokens [start_pos, start_pos + n) of `seq` back as fp32 into `out` ([n, latent_dim]).
+  /// Reads tokens [start_pos, start_pos + n) of `seq` back as fp32 into host `out`
+  /// ([n, latent_dim]); on the GPU one copy per block touched, then a stream synchronisation.
   /// @throws OutOfRange for a released or unknown sequence or a range outside [0, length(seq));
   ///         InvalidArgument for a bad shape.
   void read(index_t seq, index_t start_pos, HostView<float, 2> out) const {
-    const index_t length = allocator_.length(seq);
+    this->check_usable();
+    const index_t length = this->allocator_.length(seq);
     const index_t n = out.extent(0);
     detail::require<OutOfRange>(
-        start_pos >= 0 && n >= 0 && start_pos + n <= length, kRead, ": tokens [", start_pos, ", ",
-        start_pos + n, ") are not all in sequence ", seq, ", which holds ", length, " tokens");
+        start_pos >= 0 && n >= 0 && start_pos <= length && n <= length - start_pos, kRead,
+        ": tokens [", start_pos, ", ", start_pos + n, ") are not all in sequence ", seq,
+        ", which holds ", length, " tokens");
     detail::check_extents(kRead, "out", out, {n, latent_dim});
-    const std::span<const std::int32_t> blocks = allocator_.blocks(seq);
-    for (index_t i = 0; i < n; ++i) {
-      const index_t pos = start_pos + i;
-      format::decode(row_pointer(blocks[std::size_t(pos / BlockSize)], pos % BlockSize),
-                     out.data() + i * latent_dim);
-    }
+    if (n == 0) return;
+    this->decode(this->allocator_.blocks(seq), start_pos, out);
   }
 
-  /// Every token of `seq` as fp32, [length(seq) · latent_dim] row-major.
+  /// Every token of `seq` as fp32, [length(seq) · latent_dim] row-major (host).
   [[nodiscard]] std::vector<float> rows(index_t seq) const {
     std::vector<float> out(std::size_t(length(seq)) * latent_dim);
     read(seq, 0, HostView<float, 2>(out.data(), {length(seq), latent_dim}));
@@ -208,35 +187,12 @@ class PagedLatentCache final : private detail::BlockPoolHook {
   static constexpr std::string_view kRead = "daedalus::PagedLatentCache::read";
   static constexpr std::string_view kAppend = "daedalus::PagedLatentCache::append";
 
-  struct AlignedDelete {
-    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{64}); }
-  };
-  using Pool = std::unique_ptr<std::byte[], AlignedDelete>;
-
   static const BlockAllocator& check_allocator(const BlockAllocator& allocator) {
     detail::require<InvalidArgument>(allocator.block_size() == BlockSize, kName,
                                      ": the allocator's block_size is ", allocator.block_size(),
                                      "; expected ", BlockSize, " (the cache's BlockSize)");
     return allocator;
   }
-  static Pool allocate(index_t num_blocks) {
-    const std::size_t bytes = std::size_t(num_blocks) * block_bytes;
-    Pool pool(static_cast<std::byte*>(::operator new[](bytes, std::align_val_t{64})));
-    std::memset(pool.get(), 0, bytes);
-    return pool;
-  }
-
-  std::byte* mutable_row(std::int32_t block, index_t slot) {
-    return pool_.get() + (std::size_t(block) * BlockSize + std::size_t(slot)) * row_bytes;
-  }
-
-  void copy_block_rows(std::int32_t dst, std::int32_t src, index_t rows) override {
-    std::memcpy(mutable_row(dst, 0), row_pointer(src, 0), std::size_t(rows) * row_bytes);
-  }
-
-  BlockAllocator allocator_;  // a handle: the allocator lives at least as long as this pool
-  bool registered_ = true;    // false once moved from
-  Pool pool_;
 };
 
 }  // namespace daedalus

@@ -23,7 +23,8 @@ namespace tol = daedalus::testing::tolerance;
 }  // namespace
 
 TEST_CASE("softmax_scale: DeepSeek-V3 0.135234, V2-Lite 0.114721, unscaled 192^-0.5") {
-  // 192^-0.5 · m², m = 0.1 · mscale · ln 40 + 1 (mla.md, "Softmax scale and YaRN").
+  // 192^-0.5 · m², m = 0.1 · mscale · ln 40 + 1 (YaRN, Peng et al. 2023; DeepSeek-V3
+  // inference/model.py applies m² to the softmax scale).
   CHECK(std::abs(mla::softmax_scale<daedalus::DeepSeekV3>() - 0.135234) < 5e-7);
   CHECK(std::abs(mla::softmax_scale<daedalus::DeepSeekV2>() - 0.135234) < 5e-7);
   CHECK(std::abs(mla::softmax_scale<daedalus::DeepSeekV2Lite>() - 0.114721) < 5e-7);

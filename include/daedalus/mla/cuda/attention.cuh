@@ -50,8 +50,9 @@
 /// Scratch buffers (and the decode kernel's workspace) are kept per host thread and per stream
 /// and only grow: a decode loop on one stream allocates nothing after its first step. The fronts'
 /// finiteness check of x costs one device-to-host copy of a flag (a stream synchronisation), the
-/// price of refusing non-finite input before anything is written; naive_attention over a device PagedLatentView copies
-/// the lengths to the host (they size the up-projection). Nothing else synchronises.
+/// price of refusing non-finite input before anything is written; naive_attention over a device
+/// PagedLatentView copies the lengths to the host (they size the up-projection). Nothing else
+/// synchronises.
 namespace daedalus::mla {
 namespace detail {
 
@@ -68,7 +69,7 @@ struct MlaImpl<C, CudaBackend> {
 
   /// Query rows (tokens × heads) per sequence the absorbed decode kernel takes in one call (its
   /// combine grid's limit). An absorbed-mode chunk longer than that runs the naive path, which
-  /// computes the same attention (reference/mla.md step 4) without the limit.
+  /// computes the same attention (DeepSeek-V2 paper, section 2.1.2; docs/mla.md) without the limit.
   static constexpr index_t kMaxAbsorbedRows =
       index_t(65535) * mla::cuda::detail::DecodeTiling::combine_rows;
 

@@ -50,8 +50,9 @@
 /// Scratch buffers (and the decode kernel's workspace) are kept per host thread and per stream
 /// and only grow: a decode loop on one stream allocates nothing after its first step. The fronts'
 /// finiteness check of x costs one device-to-host copy of a flag (a stream synchronisation), the
-/// price of refusing non-finite input before anything is written; naive_attention over a device PagedLatentView copies
-/// the lengths to the host (they size the up-projection). Nothing else synchronises.
+/// price of refusing non-finite input before anything is written; naive_attention over a device
+/// PagedLatentView copies the lengths to the host (they size the up-projection). Nothing else
+/// synchronises.
 namespace daedalus::mla {
 namespace detail {
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // cpu::linear, the nn.Linear product every CPU projection uses: equal to an fp64 reference within
 // fp32's accumulation bound, and the same bits for any thread count, on shapes that are
-// multiples of no tile (the product's tiles depend on the shape only).
+// multiples of no tile (every thread's range starts at a multiple of kLinearFeatureAlign).
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -32,11 +32,14 @@ std::vector<float> run_linear(int threads, const Shape& s, const std::vector<flo
 
 }  // namespace
 
-TEST_CASE("cpu::linear equals the fp64 product and gives the same bits for 1, 2, 3 and 5 threads") {
+TEST_CASE("cpu::linear equals the fp64 product and gives the same bits for 1, 2, 3, 5, 7 threads") {
   // Decode-sized (GEMV) and prefill-sized (GEMM) products, ragged everywhere: 17 x 256 by 80 x 256
   // is the product whose bits once depended on the thread count.
-  const Shape shapes[] = {{1, 45, 17, 45},      {3, 256, 1000, 260}, {17, 256, 80, 256},
-                          {33, 100, 2100, 100}, {517, 63, 130, 70},  {1100, 31, 211, 31}};
+  // The last two are large enough for Eigen to block the product's rows (and, at 1536 deep,
+  // its depth): each range's blocks must still leave every feature in the same place.
+  const Shape shapes[] = {{1, 45, 17, 45},       {3, 256, 1000, 260},    {17, 256, 80, 256},
+                          {33, 100, 2100, 100},  {517, 63, 130, 70},     {1100, 31, 211, 31},
+                          {1, 1536, 3001, 1536}, {600, 1536, 1000, 1540}};
   std::uint64_t offset = 470;
   for (const Shape& s : shapes) {
     CAPTURE(s.tokens);
@@ -55,7 +58,7 @@ TEST_CASE("cpu::linear equals the fp64 product and gives the same bits for 1, 2,
         want[std::size_t(t * s.out + o)] = sum;
       }
     CHECK(tol::row_relative_error(one, want, std::size_t(s.out)) <= tol::fp32_vs_reference(s.in));
-    for (int threads : {2, 3, 5}) {
+    for (int threads : {2, 3, 5, 7}) {
       CAPTURE(threads);
       const std::vector<float> many = run_linear(threads, s, x, w);
       CHECK(std::memcmp(many.data(), one.data(), one.size() * sizeof(float)) == 0);

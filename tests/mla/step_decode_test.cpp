@@ -120,9 +120,12 @@ struct ContiguousModel {
 };
 
 bool same_pools(const PagedModel& a, const PagedModel& b) {
-  for (int l = 0; l < kLayers; ++l)
-    if (dt::pool_bytes(a.caches[std::size_t(l)]) != dt::pool_bytes(b.caches[std::size_t(l)]))
+  for (int l = 0; l < kLayers; ++l) {
+    const Paged& x = a.caches[std::size_t(l)];
+    const Paged& y = b.caches[std::size_t(l)];
+    if (x.bytes() != y.bytes() || std::memcmp(x.pool_data(), y.pool_data(), x.bytes()) != 0)
       return false;
+  }
   return true;
 }
 

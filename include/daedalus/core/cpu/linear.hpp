@@ -23,49 +23,35 @@ inline RowMap map(float* data, index_t rows, index_t cols, index_t stride) {
   return RowMap(data, rows, cols, Eigen::OuterStride<>(stride));
 }
 
-/// The tiles `linear` cuts y [tokens, out] into. Their sizes depend on the problem's shape only,
-/// never on the thread count: Eigen's GEMM takes a different instruction path (and summation
-/// order) for a row depending on where it falls in its product's packet blocks, so products cut at
-/// thread-dependent boundaries round differently. With the cut fixed by the shape, the threads only
-/// decide who computes which tile, and y is bitwise the same for any thread count.
-struct LinearTiling {
-  index_t features;  // output features per tile (the last tile may be narrower)
-  index_t tokens;    // tokens per tile (the last tile may be shorter)
-
-  /// Decode-sized products (a few tokens) are GEMVs bound by reading w: narrow tiles of 64
-  /// features spread w over every thread. Larger products are GEMMs: at most 16 feature tiles of
-  /// at least 128 features and token tiles of 512, so each operand is packed a bounded number of
-  /// times (x once per feature tile, w once per token tile) and a tile is still large enough for
-  /// Eigen's micro-kernel.
-  static LinearTiling for_shape(index_t tokens, index_t out) {
-    constexpr index_t kGemvTokens = 32;
-    if (tokens <= kGemvTokens) return {64, tokens};
-    const index_t features = std::max<index_t>(128, (ceil_div(out, 16) + 15) / 16 * 16);
-    return {features, 512};
-  }
-
-  static index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
-};
+/// Output features per alignment group of `linear`: 48 is a multiple of the rows Eigen's fp32
+/// GEMM kernel processes together (mr = 3 packets: 12 with SSE, 24 with AVX, 48 with AVX-512)
+/// and of the row groups of its GEMV, and 48 floats are 192 bytes, three cache lines.
+inline constexpr index_t kLinearFeatureAlign = 48;
 
 /// y = x · wᵀ, the `nn.Linear` product: x [tokens, in] (rows `x_stride` apart), w [out, in]
-/// (DeepSeek's layout) and y [tokens, out] packed row-major. y is cut into the shape-determined
-/// tiles of LinearTiling; each thread takes one contiguous range of them (feature-major, so a
-/// thread streams its own rows of w), and the result is bitwise the same for any thread count.
+/// (DeepSeek's layout) and y [tokens, out] packed row-major. The output features are split into one
+/// contiguous range per thread, so each thread streams its own rows of w once (a GEMV for one token
+/// is memory-bound on w).
+///
+/// The result is bitwise the same for any thread count. Eigen takes a different instruction path
+/// (and summation order) for a row of its product depending on where the row falls in its packet
+/// blocks, so ranges that start anywhere would round differently. Every range starts at a
+/// multiple of kLinearFeatureAlign: each feature then sits at the same place in Eigen's blocks
+/// whichever range holds it (the blocks of a range are multiples of the kernel's rows too, and
+/// the depth blocking depends on `in` alone), and only the last out mod 48 features, the same
+/// for every split, take the tail paths. The tests check it on ragged shapes and thread counts.
 inline void linear(const CpuBackend& cpu, const float* x, index_t tokens, index_t in,
                    index_t x_stride, const float* w, index_t out, float* y) {
   if (tokens == 0 || out == 0) return;
-  const LinearTiling tiling = LinearTiling::for_shape(tokens, out);
-  const index_t feature_tiles = LinearTiling::ceil_div(out, tiling.features);
-  const index_t token_tiles = LinearTiling::ceil_div(tokens, tiling.tokens);
-  cpu.parallel_ranges(feature_tiles * token_tiles, [&](std::int64_t i0, std::int64_t i1, int) {
-    for (std::int64_t i = i0; i < i1; ++i) {
-      const index_t f0 = (i / token_tiles) * tiling.features;
-      const index_t f1 = std::min(out, f0 + tiling.features);
-      const index_t t0 = (i % token_tiles) * tiling.tokens;
-      const index_t t1 = std::min(tokens, t0 + tiling.tokens);
-      map(y + t0 * out + f0, t1 - t0, f1 - f0, out).noalias() =
-          map(x + t0 * x_stride, t1 - t0, in, x_stride) *
-          map(w + f0 * in, f1 - f0, in, in).transpose();
+  const index_t groups = (out + kLinearFeatureAlign - 1) / kLinearFeatureAlign;
+  const index_t chunks = std::min<index_t>(cpu.num_threads(), groups);
+  cpu.parallel_ranges(chunks, [&](std::int64_t c0, std::int64_t c1, int) {
+    for (std::int64_t c = c0; c < c1; ++c) {
+      const index_t r0 = std::min(out, groups * c / chunks * kLinearFeatureAlign);
+      const index_t r1 = std::min(out, groups * (c + 1) / chunks * kLinearFeatureAlign);
+      if (r1 <= r0) continue;
+      map(y + r0, tokens, r1 - r0, out).noalias() =
+          map(x, tokens, in, x_stride) * map(w + r0 * in, r1 - r0, in, in).transpose();
     }
   });
 }

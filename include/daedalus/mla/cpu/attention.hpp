@@ -43,7 +43,7 @@ struct CpuAttentionTraits {
   /// split_min_blocks blocks, and into at most max_splits pieces. The cut depends on the tile's
   /// own key count only, never on the thread count or the rest of the batch, so a sequence's
   /// result is bitwise the same for any thread count and in any batch.
-  static constexpr index_t split_min_blocks = 4;
+  static constexpr index_t split_min_blocks = 8;
   static constexpr index_t max_splits = 32;
   static_assert(key_block % cpu_kernels::kPanel == 0,
                 "CpuAttentionTraits: key_block must be a multiple of the score kernel's panel");

@@ -11,8 +11,8 @@
 //   a released filler sequence), read through its block table (PagedLatentView). The attention
 //   kernel is shared; a paged key block of 128 tokens is two runs of 64 rows instead of one run.
 // - BM_decode_split<C, Storage>/threads/ctx: one sequence (batch 1) of 32K tokens in a paged
-//   cache on 1 thread (one work item: no split) and on 2 threads (split-KV: the key range cut in
-//   pieces merged by log-sum-exp). The speed-up is the ratio of the two times.
+//   cache on 1 and on 2 threads. Split-KV cuts its key range into the same 32 pieces (merged by
+//   log-sum-exp) on both: the speed-up is the ratio of the two times.
 //
 // Container operations (bench/cpu/kv_cache_ops_benchmarks.hpp): append throughput, fork cost, and
 // the prefix copy a fork replaces.

@@ -55,6 +55,43 @@ struct PlanSettings {
   index_t pad_block = 1;
 };
 
+namespace detail {
+
+/// The checks of a plan's build that do not read the ids or weights, the same on every backend
+/// (RoutingPlan::build, DeviceRoutingPlan::build): extents, expert count, settings, and that the
+/// rows fit 32-bit indices (half the index traffic of 64-bit ones). Returns the slot count
+/// tokens · k. Messages start with `fn`.
+template <class IdsView, class WeightsView>
+index_t check_plan_arguments(std::string_view fn, const IdsView& topk_ids,
+                             const WeightsView& topk_weights, int num_experts,
+                             const PlanSettings& settings) {
+  const index_t tokens = topk_ids.extent(0);
+  const index_t k = topk_ids.extent(1);
+  daedalus::detail::require<InvalidArgument>(
+      k >= 1, fn, ": 'topk_ids' has extents ",
+      daedalus::detail::format_extents<index_t>(topk_ids.extents()),
+      "; expected at least one column (k >= 1)");
+  daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
+  daedalus::detail::check_extents(fn, "topk_weights", topk_weights, {tokens, k});
+  daedalus::detail::require<InvalidArgument>(num_experts >= 1, fn, ": 'num_experts' is ",
+                                             num_experts, "; expected at least 1");
+  daedalus::detail::require<InvalidArgument>(
+      std::isfinite(settings.capacity_factor) && settings.capacity_factor >= 0.0, fn,
+      ": 'capacity_factor' is ", settings.capacity_factor,
+      "; expected 0 (dropless) or a positive finite number");
+  daedalus::detail::require<InvalidArgument>(settings.pad_block >= 1, fn, ": 'pad_block' is ",
+                                             settings.pad_block, "; expected at least 1");
+  const index_t slots = tokens * k;
+  const index_t max_rows = slots + index_t(num_experts) * (settings.pad_block - 1);
+  daedalus::detail::require<InvalidArgument>(
+      max_rows <= std::numeric_limits<std::int32_t>::max(), fn, ": a plan of ", tokens,
+      " tokens × k = ", k, " with pad_block ", settings.pad_block, " may need ", max_rows,
+      " rows; expected at most ", std::numeric_limits<std::int32_t>::max());
+  return slots;
+}
+
+}  // namespace detail
+
 /// A stable sort of the gate's (token, slot) pairs by expert: segment e of the expert-ordered
 /// rows holds, in increasing (token, slot) order, the slots routed to expert e that were kept,
 /// followed by padding rows. Slot s = token · k + j names column j of token `token` in the gate's
@@ -81,27 +118,8 @@ class RoutingPlan {
     constexpr std::string_view fn = "daedalus::moe::RoutingPlan::build";
     const index_t tokens = topk_ids.extent(0);
     const index_t k = topk_ids.extent(1);
-    daedalus::detail::require<InvalidArgument>(
-        k >= 1, fn, ": 'topk_ids' has extents ",
-        daedalus::detail::format_extents<index_t>(topk_ids.extents()),
-        "; expected at least one column (k >= 1)");
-    daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, k});
-    daedalus::detail::check_extents(fn, "topk_weights", topk_weights, {tokens, k});
-    daedalus::detail::require<InvalidArgument>(num_experts >= 1, fn, ": 'num_experts' is ",
-                                               num_experts, "; expected at least 1");
-    daedalus::detail::require<InvalidArgument>(
-        std::isfinite(settings.capacity_factor) && settings.capacity_factor >= 0.0, fn,
-        ": 'capacity_factor' is ", settings.capacity_factor,
-        "; expected 0 (dropless) or a positive finite number");
-    daedalus::detail::require<InvalidArgument>(settings.pad_block >= 1, fn, ": 'pad_block' is ",
-                                               settings.pad_block, "; expected at least 1");
-    const index_t slots = tokens * k;
-    // Rows are addressed with 32-bit indices (half the index traffic of 64-bit ones).
-    const index_t max_rows = slots + index_t(num_experts) * (settings.pad_block - 1);
-    daedalus::detail::require<InvalidArgument>(
-        max_rows <= std::numeric_limits<std::int32_t>::max(), fn, ": a plan of ", tokens,
-        " tokens × k = ", k, " with pad_block ", settings.pad_block, " may need ", max_rows,
-        " rows; expected at most ", std::numeric_limits<std::int32_t>::max());
+    const index_t slots =
+        detail::check_plan_arguments(fn, topk_ids, topk_weights, num_experts, settings);
     const std::int32_t* ids = topk_ids.data();
     const float* weights = topk_weights.data();
     for (index_t s = 0; s < slots; ++s) {

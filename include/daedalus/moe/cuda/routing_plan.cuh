@@ -296,26 +296,9 @@ class DeviceRoutingPlan {
     constexpr std::string_view fn = "daedalus::moe::DeviceRoutingPlan::build";
     const index_t tokens = topk_ids.extent(0);
     const index_t width = topk_ids.extent(1);
-    daedalus::detail::require<InvalidArgument>(
-        width >= 1, fn, ": 'topk_ids' has extents ",
-        daedalus::detail::format_extents<index_t>(topk_ids.extents()),
-        "; expected at least one column (k >= 1)");
-    daedalus::detail::check_extents(fn, "topk_ids", topk_ids, {tokens, width});
-    daedalus::detail::check_extents(fn, "topk_weights", topk_weights, {tokens, width});
-    daedalus::detail::require<InvalidArgument>(num_experts >= 1, fn, ": 'num_experts' is ",
-                                               num_experts, "; expected at least 1");
-    daedalus::detail::require<InvalidArgument>(
-        std::isfinite(settings.capacity_factor) && settings.capacity_factor >= 0.0, fn,
-        ": 'capacity_factor' is ", settings.capacity_factor,
-        "; expected 0 (dropless) or a positive finite number");
-    daedalus::detail::require<InvalidArgument>(settings.pad_block >= 1, fn, ": 'pad_block' is ",
-                                               settings.pad_block, "; expected at least 1");
-    const index_t slots = tokens * width;
+    const index_t slots =
+        detail::check_plan_arguments(fn, topk_ids, topk_weights, num_experts, settings);
     const index_t max_rows = slots + index_t(num_experts) * (settings.pad_block - 1);
-    daedalus::detail::require<InvalidArgument>(
-        max_rows <= std::numeric_limits<std::int32_t>::max(), fn, ": a plan of ", tokens,
-        " tokens × k = ", width, " with pad_block ", settings.pad_block, " may need ", max_rows,
-        " rows; expected at most ", std::numeric_limits<std::int32_t>::max());
     const int n = static_cast<int>(slots);
     const std::int32_t* ids = topk_ids.data();
     const float* weights = topk_weights.data();

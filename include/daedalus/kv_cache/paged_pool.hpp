@@ -11,10 +11,12 @@ namespace daedalus::detail {
 /// registered with (so the allocator lives as long as the pool) and the hook through which the
 /// allocator's copy-on-write reaches it.
 class PagedPoolBase : public BlockPoolHook {
+ public:
+  PagedPoolBase& operator=(const PagedPoolBase&) = delete;
+
  protected:
   explicit PagedPoolBase(const BlockAllocator& allocator) : allocator_(allocator) {}
   PagedPoolBase(const PagedPoolBase&) = default;
-  PagedPoolBase& operator=(const PagedPoolBase&) = delete;
   ~PagedPoolBase() = default;
 
   BlockAllocator allocator_;  // a handle: the allocator lives at least as long as this pool
